@@ -1,0 +1,25 @@
+"""OSoRA for PyTorch and the HuggingFace stack: ``import osora`` makes it a PEFT method.
+
+W' = W − U_r diag(σ_r) V_rᵀ + diag(O) U_r diag(S) V_rᵀ; only S (r) and O (d_out) train. See
+:mod:`osora.functional` for the equation and :class:`osora.OSoRAConfig` for the options.
+"""
+
+from .checkpoint import AdapterFileError, save_adapter, weight_fingerprint
+from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
+from .layer import OSoRALayer
+from .model import OSoRAModel
+from .registration import register
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterFileError",
+    "OSoRAConfig",
+    "OSoRALayer",
+    "OSoRAModel",
+    "register",
+    "save_adapter",
+    "weight_fingerprint",
+]

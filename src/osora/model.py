@@ -1,0 +1,187 @@
+"""OSoRAModel: injects OSoRA layers into a model (peft's BaseTuner)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .checkpoint import AdapterFileError
+from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
+from .layer import Linear, OSoRALayer
+
+_FACTOR_NAMES = ("osora_U", "osora_Vh", "osora_sigma")
+#: Show a progress bar while factors are computed for at least this many matrices.
+PROGRESS_MIN_MATRICES = 16
+
+
+def _adapter_names_hook(module: nn.Module, args: Any, kwargs: dict[str, Any], adapter_names: list[str]) -> Any:
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class OSoRAModel(BaseTuner):
+    """Adds OSoRA adapters to the targeted linear layers of a model.
+
+    Use it through peft after ``import osora``; see :class:`osora.OSoRAConfig`.
+
+    Example:
+        >>> import osora
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, osora.OSoRAConfig(r=32))  # doctest: +SKIP
+        >>> model.print_trainable_parameters()  # doctest: +SKIP
+    """
+
+    prefix: str = "osora_"
+    tuner_layer_cls = OSoRALayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _pre_injection_hook(self, model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
+        self._progress: tqdm | None = None
+        total = sum(isinstance(m, (nn.Linear, Conv1D)) for m in model.modules())
+        if total >= PROGRESS_MIN_MATRICES:
+            self._progress = tqdm(total=None, desc=f"OSoRA factors ({adapter_name})", unit="matrix", leave=False)
+
+    def _post_injection_hook(self, model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        config._checkpoint = None  # the saved factors are in the layers now; drop the file's copy
+
+    def _create_and_replace(
+        self,
+        peft_config: OSoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        saved = self._saved_factors(peft_config, current_key)
+        if isinstance(target, OSoRALayer):
+            if target.merged:
+                raise ValueError(
+                    f"cannot add adapter '{adapter_name}' to '{current_key}' while adapters are merged into it; "
+                    "unmerge first (its SVD must be of the original weight)"
+                )
+            target.update_layer(adapter_name, peft_config, module_name=current_key, saved=saved)
+        else:
+            new_module = self._create_new_module(peft_config, adapter_name, target, current_key, saved)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)  # an added adapter is not automatically trainable
+            self._replace_module(parent, target_name, new_module, target)
+        if getattr(self, "_progress", None) is not None:
+            self._progress.update(1)
+
+    @staticmethod
+    def _saved_factors(config: OSoRAConfig, key: str) -> dict[str, torch.Tensor] | None:
+        checkpoint = getattr(config, "_checkpoint", None)
+        if not checkpoint:
+            return None
+        names = {n: f"base_model.model.{key}.{n}" for n in _FACTOR_NAMES}
+        if not all(k in checkpoint for k in names.values()):
+            return None
+        return {n: checkpoint[k] for n, k in names.items()}
+
+    @staticmethod
+    def _create_new_module(
+        config: OSoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        current_key: str = "",
+        saved: dict[str, torch.Tensor] | None = None,
+    ) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            if not config.fan_in_fan_out:
+                config.fan_in_fan_out = True  # Conv1D stores (d_in, d_out)
+        elif isinstance(base, nn.Linear):
+            if config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out=True but the target is torch.nn.Linear; using False", stacklevel=2)
+                config.fan_in_fan_out = False
+        else:
+            raise TypeError(
+                f"OSoRA cannot adapt module '{current_key}' of type {type(base).__name__}: only torch.nn.Linear and "
+                "transformers' Conv1D are supported. Change target_modules so that it does not match it."
+            )
+        return Linear(target, adapter_name, config, module_name=current_key, saved=saved)
+
+    # -- mixed batches ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route ``adapter_names=[...]`` (one per row, "__base__" for none) to every OSoRA layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names cannot be passed while the model is in training mode")
+        known = {n for m in self.modules() if isinstance(m, OSoRALayer) for n in m.osora_S}
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"adapter_names names adapters that do not exist: {sorted(unknown)}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = [
+            module.register_forward_pre_hook(partial(_adapter_names_hook, adapter_names=adapter_names), with_kwargs=True)
+            for module in self.modules()
+            if isinstance(module, (OSoRALayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: OSoRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check each saved base-weight fingerprint against the base this adapter is loaded onto.
+
+        Compact adapters recompute their factors from the base, so a different base is refused. Adapters that
+        carry their factors still load (ΔW is exact), with a warning.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, OSoRALayer)}
+        fp_suffix = f".osora_fingerprint.{adapter_name}"
+        checked = 0
+        for key, saved_fp in remapped.items():
+            if not key.endswith(fp_suffix):
+                continue
+            name = key.removesuffix(fp_suffix)
+            layer = layers.get(name)
+            if layer is None or adapter_name not in layer.osora_fingerprint:
+                continue
+            checked += 1
+            if torch.equal(saved_fp.cpu(), layer.osora_fingerprint[adapter_name].cpu()):
+                continue
+            module = name.removeprefix("base_model.model.")
+            msg = (
+                f"the base weight of '{module}' differs from the one adapter '{adapter_name}' was trained on "
+                "(fingerprint mismatch: different model, revision, dtype or modified weights)"
+            )
+            if not config.save_factors:
+                raise AdapterFileError(f"refusing to load a compact OSoRA adapter: {msg}")
+            warnings.warn(f"OSoRA: {msg}; its saved factors are used, so ΔW is exact", stacklevel=2)
+        expected = sum(adapter_name in m.osora_S for m in layers.values())
+        if not config.save_factors and checked < expected:
+            raise AdapterFileError(
+                f"compact OSoRA adapter '{adapter_name}' has fingerprints for {checked} of {expected} adapted "
+                "matrices; the file is incomplete or was saved from a different model"
+            )
+        return remapped

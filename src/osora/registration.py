@@ -1,0 +1,48 @@
+"""Make OSoRA a PEFT method: the only module that touches peft's registry internals.
+
+peft's ``PeftType`` is a closed ``str`` Enum and ``register_peft_method`` refuses names that are not members, so
+an out-of-tree method has to add its member first. Both steps are idempotent. ``tests/test_registration.py``
+checks the internals relied on here, so a peft release that changes them fails loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from peft.utils.peft_types import PeftType
+
+PEFT_NAME = "osora"
+PREFIX = "osora_"
+
+
+def osora_peft_type() -> PeftType:
+    """The ``PeftType.OSORA`` member, added to peft's enum on first use."""
+    name = PEFT_NAME.upper()
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType  # type: ignore[attr-defined]
+    # Enum lookups (PeftType.OSORA, PeftType("OSORA"), list(PeftType)) read these three tables.
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    if not isinstance(PeftType(name), enum.Enum):  # pragma: no cover - guards a changed Enum implementation
+        raise RuntimeError("could not add OSORA to peft.PeftType")
+    return member
+
+
+def register() -> None:
+    """Register OSoRAConfig and OSoRAModel with peft (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import OSoRAConfig
+    from .model import OSoRAModel
+
+    peft_type = osora_peft_type()
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is OSoRAModel:
+        return
+    register_peft_method(name=PEFT_NAME, config_cls=OSoRAConfig, model_cls=OSoRAModel, prefix=PREFIX)

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .checkpoint import read_adapter_file
 from .functional import ODim, SParametrization
@@ -161,7 +161,7 @@ class OSoRAConfig(PeftConfig):
         ``PeftModel.from_pretrained`` injects anything into the base model.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = os.path.join(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
-        if os.path.isdir(os.path.join(pretrained_model_name_or_path, subfolder or "")):
-            config._checkpoint = read_adapter_file(weights)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            config._checkpoint = read_adapter_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
         return config

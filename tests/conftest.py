@@ -35,14 +35,25 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = LlamaConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(cfg)
     elif arch == "qwen2":
         cfg = Qwen2Config(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
         )
         model = Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
@@ -50,8 +61,13 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
         model = GPT2LMHeadModel(cfg)
     elif arch == "bert":
         cfg = BertConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            num_labels=3,
         )
         model = BertForSequenceClassification(cfg)
     else:

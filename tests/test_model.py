@@ -7,12 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import logits, tiny_inputs, tiny_model
 from peft import get_peft_model
 from torch import nn
 
 import osora
 from osora.layer import OSoRALayer
+
+from conftest import logits, tiny_inputs, tiny_model
 
 
 def osora_layers(model: nn.Module) -> dict[str, OSoRALayer]:
@@ -60,7 +61,9 @@ def test_random_adapter_matches_dense_reference(arch: str) -> None:
         with torch.no_grad():
             out = layer(x)
         torch.testing.assert_close(out, reference_output(layer, x), atol=2e-5, rtol=1e-4, msg=name)
-        assert not torch.allclose(out, layer.get_base_layer()(x), atol=1e-4), f"{name}: adapter is the identity"
+        assert not torch.allclose(out, layer.get_base_layer()(x), atol=1e-4), (
+            f"{name}: adapter is the identity"
+        )
 
 
 def test_factors_are_the_top_r_svd(arch: str) -> None:
@@ -75,7 +78,9 @@ def test_factors_are_the_top_r_svd(arch: str) -> None:
 
 def test_trainable_count_is_sum_of_r_plus_d_out() -> None:
     model = get_peft_model(tiny_model("llama"), osora.OSoRAConfig(r=4))
-    expected = sum(min(4, m.in_features, m.out_features) + m.out_features for m in osora_layers(model).values())
+    expected = sum(
+        min(4, m.in_features, m.out_features) + m.out_features for m in osora_layers(model).values()
+    )
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == expected
     names = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
@@ -230,7 +235,11 @@ def test_o_dim_input_matches_dense_reference() -> None:
     for name, layer in osora_layers(model).items():
         assert layer.osora_O["default"].shape == (layer.in_features,)
         U, Vh = layer.osora_U["default"], layer.osora_Vh["default"]
-        sigma, S, O = layer.osora_sigma["default"], layer.osora_S["default"].detach(), layer.osora_O["default"].detach()
+        sigma, S, O = (
+            layer.osora_sigma["default"],
+            layer.osora_S["default"].detach(),
+            layer.osora_O["default"].detach(),
+        )
         W_new = dense_W(layer) - U @ torch.diag(sigma) @ Vh + U @ torch.diag(S) @ Vh @ torch.diag(O)
         x = torch.randn(3, layer.in_features)
         with torch.no_grad():
@@ -261,7 +270,9 @@ def test_half_precision_bases(dtype: torch.dtype, autocast: bool) -> None:
     ids = tiny_inputs()
     ref = logits(base, ids)
     model = get_peft_model(base, osora.OSoRAConfig(r=4), autocast_adapter_dtype=autocast)
-    adapter_dtype = torch.float32 if autocast else dtype  # PEFT's autocast_adapter_dtype upcasts adapter tensors
+    adapter_dtype = (
+        torch.float32 if autocast else dtype
+    )  # PEFT's autocast_adapter_dtype upcasts adapter tensors
     for layer in osora_layers(model).values():
         assert layer.osora_S["default"].dtype == adapter_dtype
         assert layer.osora_O["default"].dtype == adapter_dtype

@@ -7,7 +7,6 @@ import enum
 import peft
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model
 from packaging.version import Version
 from peft import PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -15,6 +14,8 @@ from peft.utils.peft_types import PeftType
 
 import osora
 from osora.registration import osora_peft_type
+
+from conftest import tiny_inputs, tiny_model
 
 
 def test_peft_version_is_in_the_tested_range() -> None:
@@ -30,7 +31,12 @@ def test_peft_internals_relied_on() -> None:
     assert hasattr(peft.utils, "register_peft_method")
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-    for hook in ("_create_and_replace", "_pre_injection_hook", "_post_injection_hook", "_remap_adapter_state_dict_for_load"):
+    for hook in (
+        "_create_and_replace",
+        "_pre_injection_hook",
+        "_post_injection_hook",
+        "_remap_adapter_state_dict_for_load",
+    ):
         assert hasattr(BaseTuner, hook), f"BaseTuner.{hook} is gone"
     for attr in ("frozen_peft_weight_names", "_move_adapter_to_device_of_base_layer", "set_adapter"):
         assert hasattr(BaseTunerLayer, attr), f"BaseTunerLayer.{attr} is gone"
@@ -49,7 +55,9 @@ def test_registration_is_complete_and_idempotent() -> None:
 
 
 def test_config_round_trip_through_peft(tmp_path) -> None:
-    config = osora.OSoRAConfig(r=16, target_modules=["q_proj"], trainable="S", o_dim="input", save_factors=False)
+    config = osora.OSoRAConfig(
+        r=16, target_modules=["q_proj"], trainable="S", o_dim="input", save_factors=False
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, osora.OSoRAConfig)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, tiny_inputs, tiny_model
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -19,14 +18,22 @@ import osora
 from osora.checkpoint import atomic_directory
 from osora.export import save_as_lora, save_merged, save_residual
 
+from conftest import logits, tiny_inputs, tiny_model
+
 TESTS = Path(__file__).parent
 
 
 def run_fresh(script: str, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Run ``script`` in a new Python process; it saves a dict of tensors to OUT, which is returned."""
     out = tmp_path / "fresh_out.pt"
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OUT": str(out)}
-    code = "import os, torch\nfrom conftest import tiny_model, tiny_inputs, logits\n" + textwrap.dedent(script)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OUT": str(out),
+    }
+    code = "import os, torch\nfrom conftest import tiny_model, tiny_inputs, logits\n" + textwrap.dedent(
+        script
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
@@ -110,7 +117,9 @@ def test_compact_adapter_refuses_a_different_base(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "missing"])
-def test_corrupt_adapter_file_gives_a_clear_error_and_leaves_the_base_untouched(damage: str, tmp_path: Path) -> None:
+def test_corrupt_adapter_file_gives_a_clear_error_and_leaves_the_base_untouched(
+    damage: str, tmp_path: Path
+) -> None:
     trained_model().save_pretrained(tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     data = weights.read_bytes()

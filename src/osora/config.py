@@ -57,7 +57,9 @@ class OSoRAConfig(PeftConfig):
 
     r: int = field(
         default=8,
-        metadata={"help": "Rank: number of singular triplets per matrix. Clamped to min(d_in, d_out) per matrix."},
+        metadata={
+            "help": "Rank: number of singular triplets per matrix. Clamped to min(d_in, d_out) per matrix."
+        },
     )
     target_modules: list[str] | str | None = field(
         default=None,
@@ -67,27 +69,36 @@ class OSoRAConfig(PeftConfig):
         },
     )
     exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex to leave out even if they match target_modules."}
+        default=None,
+        metadata={"help": "Module names or a regex to leave out even if they match target_modules."},
     )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the blocks with these indices (needs a layer pattern)."}
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the nn.ModuleList holding the blocks (e.g. 'layers', 'h'), for layers_to_transform."},
+        metadata={
+            "help": "Name of the nn.ModuleList holding the blocks (e.g. 'layers', 'h'), for layers_to_transform."
+        },
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the OSoRA branch, in [0, 1)."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the input of the OSoRA branch, in [0, 1)."}
+    )
     bias: Bias = field(
         default="none",
         metadata={"help": "Which biases train: 'none', 'all' (every bias in the model) or 'osora_only'."},
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new classification head."},
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, e.g. a new classification head."
+        },
     )
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "The weight is stored (d_in, d_out), as in GPT-2's Conv1D; set automatically for Conv1D."},
+        metadata={
+            "help": "The weight is stored (d_in, d_out), as in GPT-2's Conv1D; set automatically for Conv1D."
+        },
     )
     init_weights: bool = field(
         default=True,
@@ -105,7 +116,9 @@ class OSoRAConfig(PeftConfig):
     )
     o_dim: ODim = field(
         default="output",
-        metadata={"help": "Whether O scales the 'output' dimension (the paper, O ∈ R^d_out) or the 'input' one."},
+        metadata={
+            "help": "Whether O scales the 'output' dimension (the paper, O ∈ R^d_out) or the 'input' one."
+        },
     )
     s_parametrization: SParametrization = field(
         default="raw",

@@ -48,7 +48,9 @@ def _adapted(peft_model: PeftModel, adapter_name: str) -> dict[str, _Factors]:
             if layer.merged:
                 raise ValueError(f"module '{name}' has merged adapters; unmerge before exporting")
             sigma = layer.osora_sigma[adapter_name].float()
-            S = OF.effective_S(layer.osora_S[adapter_name].detach().float(), sigma, layer.s_parametrization[adapter_name])
+            S = OF.effective_S(
+                layer.osora_S[adapter_name].detach().float(), sigma, layer.s_parametrization[adapter_name]
+            )
             out[name] = _Factors(
                 layer,
                 layer.osora_U[adapter_name].float(),
@@ -82,8 +84,12 @@ def _plain_state_dict(peft_model: PeftModel, adapter_name: str, weights: dict[st
     return out
 
 
-def _save_plain(peft_model: PeftModel, adapter_name: str, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
-    state_dict = {k: v.detach().contiguous() for k, v in _plain_state_dict(peft_model, adapter_name, weights).items()}
+def _save_plain(
+    peft_model: PeftModel, adapter_name: str, weights: dict[str, torch.Tensor], out_dir: Path
+) -> None:
+    state_dict = {
+        k: v.detach().contiguous() for k, v in _plain_state_dict(peft_model, adapter_name, weights).items()
+    }
     peft_model.get_base_model().save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
 
 
@@ -94,7 +100,10 @@ def _weight_layout(f: _Factors, dense: torch.Tensor) -> torch.Tensor:
 
 
 def save_merged(
-    peft_model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default", safe_merge: bool = True
+    peft_model: PeftModel,
+    out_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+    safe_merge: bool = True,
 ) -> None:
     """Save W' = W + ΔW of ``adapter_name`` as plain transformers weights (the PEFT model is left as it is).
 
@@ -105,7 +114,9 @@ def save_merged(
     for name, f in _adapted(peft_model, adapter_name).items():
         merged = f.layer.dense_base_weight().float() + OF.delta_weight(f.U, f.Vh, f.sigma, f.S, f.O, f.o_dim)
         if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"the merged weight of '{name}' holds NaN or inf; adapter '{adapter_name}' is broken")
+            raise ValueError(
+                f"the merged weight of '{name}' holds NaN or inf; adapter '{adapter_name}' is broken"
+            )
         weights[name] = _weight_layout(f, merged)
     with atomic_directory(out_dir) as tmp:
         _save_plain(peft_model, adapter_name, weights, tmp)
@@ -152,13 +163,17 @@ def _save_lora(peft_model: PeftModel, adapter_name: str, out_dir: Path, residual
     atomic_save_file(tensors, out_dir / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def save_as_lora(peft_model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> None:
+def save_as_lora(
+    peft_model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default"
+) -> None:
     """Save ``adapter_name`` as a standard PEFT LoRA adapter for the untouched base (no osora needed to load it)."""
     with atomic_directory(out_dir) as tmp:
         _save_lora(peft_model, adapter_name, tmp, residual=False)
 
 
-def save_residual(peft_model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> None:
+def save_residual(
+    peft_model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default"
+) -> None:
     """Save the paper's form: ``out_dir/base`` holds W − U diag(σ) Vᵀ, ``out_dir/adapter`` a LoRA adapter for it.
 
     Loading ``adapter`` onto ``base`` with plain peft reproduces the OSoRA model.

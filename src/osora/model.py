@@ -24,7 +24,9 @@ _FACTOR_NAMES = ("osora_U", "osora_Vh", "osora_sigma")
 PROGRESS_MIN_MATRICES = 16
 
 
-def _adapter_names_hook(module: nn.Module, args: Any, kwargs: dict[str, Any], adapter_names: list[str]) -> Any:
+def _adapter_names_hook(
+    module: nn.Module, args: Any, kwargs: dict[str, Any], adapter_names: list[str]
+) -> Any:
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
@@ -49,7 +51,9 @@ class OSoRAModel(BaseTuner):
         self._progress: tqdm | None = None
         total = sum(isinstance(m, (nn.Linear, Conv1D)) for m in model.modules())
         if total >= PROGRESS_MIN_MATRICES:
-            self._progress = tqdm(total=None, desc=f"OSoRA factors ({adapter_name})", unit="matrix", leave=False)
+            self._progress = tqdm(
+                total=None, desc=f"OSoRA factors ({adapter_name})", unit="matrix", leave=False
+            )
 
     def _post_injection_hook(self, model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
         if self._progress is not None:
@@ -107,7 +111,9 @@ class OSoRAModel(BaseTuner):
                 config.fan_in_fan_out = True  # Conv1D stores (d_in, d_out)
         elif isinstance(base, nn.Linear):
             if config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True but the target is torch.nn.Linear; using False", stacklevel=2)
+                warnings.warn(
+                    "fan_in_fan_out=True but the target is torch.nn.Linear; using False", stacklevel=2
+                )
                 config.fan_in_fan_out = False
         else:
             raise TypeError(
@@ -135,7 +141,9 @@ class OSoRAModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         handles = [
-            module.register_forward_pre_hook(partial(_adapter_names_hook, adapter_names=adapter_names), with_kwargs=True)
+            module.register_forward_pre_hook(
+                partial(_adapter_names_hook, adapter_names=adapter_names), with_kwargs=True
+            )
             for module in self.modules()
             if isinstance(module, (OSoRALayer, AuxiliaryTrainingWrapper))
         ]

@@ -8,11 +8,26 @@ import sys
 #: command -> (module, one-line help). Each module exposes ``main(argv: list[str]) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("osora.app.demo", "fine-tune MiniLM offline: head-only vs OSoRA vs LoRA vs VeRA, side by side"),
-    "train": ("osora.app.train", "fine-tune a causal LM from a YAML config (osora, lora, vera, pissa, dora, full)"),
-    "eval": ("osora.app.evaluate", "score a base model, an adapter or a merged model on GSM8K, MATH, commonsense"),
-    "merge": ("osora.app.exports", "merge an OSoRA adapter into its base and save plain transformers weights"),
-    "export": ("osora.app.exports", "export an OSoRA adapter as a PEFT LoRA adapter or the paper's residual form"),
-    "params": ("osora.app.params", "trainable parameters vs rank for LoRA, VeRA and OSoRA (the paper's Figure 1)"),
+    "train": (
+        "osora.app.train",
+        "fine-tune a causal LM from a YAML config (osora, lora, vera, pissa, dora, full)",
+    ),
+    "eval": (
+        "osora.app.evaluate",
+        "score a base model, an adapter or a merged model on GSM8K, MATH, commonsense",
+    ),
+    "merge": (
+        "osora.app.exports",
+        "merge an OSoRA adapter into its base and save plain transformers weights",
+    ),
+    "export": (
+        "osora.app.exports",
+        "export an OSoRA adapter as a PEFT LoRA adapter or the paper's residual form",
+    ),
+    "params": (
+        "osora.app.params",
+        "trainable parameters vs rank for LoRA, VeRA and OSoRA (the paper's Figure 1)",
+    ),
 }
 
 

@@ -179,3 +179,11 @@ def test_auto_peft_model_and_adapter_subfolders(tmp_path: Path) -> None:
     model.set_adapter("second")
     auto.set_adapter("second")
     torch.testing.assert_close(logits(auto, ids), logits(model, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("save_factors", [True, False])
+def test_low_cpu_mem_usage_load(save_factors: bool, tmp_path: Path) -> None:
+    model = trained_model(save_factors=save_factors)
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a", low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded, tiny_inputs()), logits(model, tiny_inputs()), atol=0, rtol=0)

@@ -351,3 +351,14 @@ def test_deepcopy_and_repeat_registration() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(logits(clone, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+@pytest.mark.parametrize("s_parametrization", ["raw", "scaled"])
+def test_merge_equals_forward_for_every_variant(o_dim: str, s_parametrization: str) -> None:
+    config = osora.OSoRAConfig(r=4, init_weights=False, o_dim=o_dim, s_parametrization=s_parametrization)
+    model = get_peft_model(tiny_model("gpt2"), config)
+    ids = tiny_inputs()
+    expected = logits(model, ids)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,280 @@
+"""``osora train CONFIG.yaml [section.key=value ...]``: fine-tune a causal LM with OSoRA or a PEFT baseline.
+
+Every method runs through the same data, schedule and transformers ``Trainer`` (mixed precision, gradient
+accumulation and checkpointing, checkpoints and resume, TensorBoard, progress bars); several GPUs come from
+launching the same command under ``torchrun`` or ``accelerate launch``. The baselines are PEFT's own
+implementations: LoRA, VeRA, PiSSA (``init_lora_weights="pissa"``), DoRA (``use_dora=True``); ``full`` trains
+every weight. The adapter (or the full model) and the tokenizer are saved to ``training.output_dir`` at the end.
+
+Example:
+    osora train configs/tiny/gsm8k-osora.yaml training.max_steps=2
+    accelerate launch -m osora.app.cli train configs/qwen2-7b-metamath-osora.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, help_text, load_config, to_dict
+from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
+
+logger = logging.getLogger("osora.train")
+
+BASE_MODEL_DIR = (
+    "base_model"  # where a model built from model.from_config is saved, so adapters can be reloaded
+)
+RUN_FILE = "osora_run.json"
+
+
+def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
+    """The tokenizer of ``model_cfg``, or one trained on ``records`` when ``model.tokenizer_from_data``."""
+    from transformers import AutoTokenizer
+
+    if model_cfg.tokenizer_from_data:
+        if records is None or len(records) == 0:
+            raise ValueError("model.tokenizer_from_data needs training records")
+        tokenizer = word_level_tokenizer(texts_of(records))
+    else:
+        source = model_cfg.tokenizer or model_cfg.name_or_path
+        if source is None:
+            raise ValueError("set model.tokenizer or model.name_or_path (or model.tokenizer_from_data=true)")
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # Llama-3 and others ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
+    """The base causal LM: loaded from ``name_or_path``, or randomly initialised from ``from_config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.from_config is not None:
+        values = dict(model_cfg.from_config)
+        values.setdefault("vocab_size", len(tokenizer))
+        values.setdefault("pad_token_id", tokenizer.pad_token_id)
+        values.setdefault("eos_token_id", tokenizer.eos_token_id)
+        values.setdefault("bos_token_id", tokenizer.bos_token_id)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        torch.manual_seed(seed)  # every rank builds the same weights
+        model = AutoModelForCausalLM.from_config(config)
+        if model_cfg.dtype in _DTYPES:
+            model = model.to(_DTYPES[model_cfg.dtype])
+        return model
+    if model_cfg.name_or_path is None:
+        raise ValueError("set model.name_or_path or model.from_config")
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
+    kwargs["dtype"] = _DTYPES.get(model_cfg.dtype, "auto")
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+
+
+def _default_targets(model: Any) -> list[str] | str:
+    from osora.config import DEFAULT_TARGET_MODULES
+
+    return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+
+
+def _osora(trainable: str) -> Callable[[MethodConfig, Any], Any]:
+    def build(m: MethodConfig, targets: Any) -> Any:
+        from osora import OSoRAConfig
+
+        return OSoRAConfig(
+            r=m.r,
+            target_modules=targets,
+            dropout=m.dropout,
+            trainable=trainable,  # type: ignore[arg-type]
+            o_dim=m.o_dim,
+            s_parametrization=m.s_parametrization,
+            task_type="CAUSAL_LM",
+        )
+
+    return build
+
+
+def _lora(**extra: Any) -> Callable[[MethodConfig, Any], Any]:
+    def build(m: MethodConfig, targets: Any) -> Any:
+        from peft import LoraConfig
+
+        alpha = m.lora_alpha if m.lora_alpha is not None else m.r
+        return LoraConfig(
+            r=m.r,
+            lora_alpha=alpha,
+            lora_dropout=m.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+            **extra,
+        )
+
+    return build
+
+
+def _vera(m: MethodConfig, targets: Any) -> Any:
+    from peft import VeraConfig
+
+    return VeraConfig(
+        r=m.r,
+        target_modules=targets,
+        vera_dropout=m.dropout,
+        d_initial=m.vera_d_initial,
+        task_type="CAUSAL_LM",
+    )
+
+
+#: method name -> builder of its PEFT config (``full`` has none: every weight trains).
+PEFT_CONFIGS: dict[str, Callable[[MethodConfig, Any], Any]] = {
+    "osora": _osora("both"),
+    "osora_s": _osora("S"),
+    "osora_o": _osora("O"),
+    "lora": _lora(),
+    "pissa": _lora(init_lora_weights="pissa"),
+    "dora": _lora(use_dora=True),
+    "vera": _vera,
+}
+
+
+def apply_method(model: Any, method: MethodConfig):
+    """``model`` wrapped by the method's PEFT adapter (or returned as is, all weights trainable, for ``full``)."""
+    if method.name == "full":
+        return model
+    from peft import get_peft_model
+
+    import osora  # noqa: F401  (registers OSoRA with peft)
+
+    targets = method.target_modules if method.target_modules is not None else _default_targets(model)
+    return get_peft_model(model, PEFT_CONFIGS[method.name](method, targets))
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; for PEFT models as peft counts them."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def training_arguments(cfg: RunConfig):
+    """transformers ``TrainingArguments`` from the ``training`` section."""
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; 4.x only knows the old name
+    fields = TrainingArguments.__dataclass_fields__
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        **{
+            ckpt: t.gradient_checkpointing,
+            f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        },
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to,
+        seed=t.seed,
+        use_cpu=t.use_cpu,
+        ddp_backend=t.ddp_backend,
+        deepspeed=t.deepspeed,
+        **({"fsdp": t.fsdp} if t.fsdp else {}),
+        dataloader_num_workers=t.dataloader_num_workers,
+        disable_tqdm=t.disable_tqdm,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run(cfg: RunConfig, callbacks: list[Any] | None = None):
+    """Train as ``cfg`` says and save the result; returns the ``Trainer`` (for tests and notebooks)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    args = training_arguments(cfg)  # sets up torch.distributed under torchrun / accelerate
+    set_seed(cfg.training.seed)
+    if cfg.data.path is None:
+        raise ValueError("data.path is required")
+    records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
+    tokenizer = build_tokenizer(cfg.model, records)
+    tokenizer.padding_side = "right"
+    train_dataset, report = build_train_dataset(records, tokenizer, cfg.data)
+    if args.process_index == 0:
+        report.log()
+
+    model = build_model(cfg.model, tokenizer, cfg.training.seed)
+    out = Path(cfg.training.output_dir)
+    if cfg.model.from_config is not None:
+        base_dir = out / BASE_MODEL_DIR
+        if args.process_index == 0:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        # peft records it as the adapter's base_model_name_or_path, so eval/merge/export find the base
+        model.config.name_or_path = model.name_or_path = str(base_dir.resolve())
+    model = apply_method(model, cfg.method)
+    if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    if args.process_index == 0:
+        print(
+            f"method {cfg.method.name}: trainable params {trainable:,} / total {total:,} "
+            f"({100 * trainable / total:.4f}%)",
+            flush=True,
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume = cfg.training.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume if resume not in (None, False) else None)
+    if trainer.state.global_step < trainer.state.max_steps and trainer.control.should_training_stop:
+        return trainer  # stopped early by a callback: leave the checkpoints, save nothing final
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        run_info = {
+            "config": to_dict(cfg),
+            "trainable_params": trainable,
+            "total_params": total,
+            "data": {"total": report.total, "kept": report.kept, "skipped": dict(report.skipped)},
+            "log_history": trainer.state.log_history,
+        }
+        (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str))
+        print(f"saved {'model' if cfg.method.name == 'full' else 'adapter'} to {out}", flush=True)
+    return trainer
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: osora train CONFIG.yaml [section.key=value ...]\n\n" + help_text())
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as error:
+        print(f"osora train: {error}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0

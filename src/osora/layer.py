@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,10 +12,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
+from . import autograd as OA
 from . import functional as OF
 from .checkpoint import weight_fingerprint
 from .config import OSoRAConfig
-from .svd import SVDFactors, top_r_svd
+from .distributed import broadcast_factors, gathered_parameters
+from .factor_cache import cached_top_r_svd
+from .svd import InitMethod, SVDFactors, SVDOptions, top_r_svd
 
 
 class FactorDict(BufferDict):
@@ -54,7 +58,7 @@ class OSoRALayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.o_dim: dict[str, OF.ODim] = {}
         self.s_parametrization: dict[str, OF.SParametrization] = {}
-        self.factor_key: dict[str, tuple[int, str]] = {}
+        self.factor_key: dict[str, tuple[int, InitMethod, SVDOptions]] = {}
         self.osora_dropout = nn.ModuleDict({})
         self.osora_S = nn.ParameterDict({})
         self.osora_O = nn.ParameterDict({})
@@ -100,9 +104,12 @@ class OSoRALayer(BaseTunerLayer):
         max_r = min(self.in_features, self.out_features)
         r = min(config.r, max_r)
         if r < config.r:
-            warnings.warn(f"OSoRA: r={config.r} > min(d_in, d_out)={max_r} for {where}; using r={r}", stacklevel=2)
-        key = (r, config.init_method)
-        factors, fingerprint = self._find_factors(key, weight, saved)
+            warnings.warn(
+                f"OSoRA: r={config.r} > min(d_in, d_out)={max_r} for {where}; using r={r}", stacklevel=2
+            )
+        # factors depend on r, the method and its knobs: adapters that agree on all three share one copy
+        key = (r, config.init_method, SVDOptions.from_config(config))
+        factors, fingerprint = self._find_factors(key, saved, config.factor_cache_dir)
         self.r[adapter_name] = r
         self.o_dim[adapter_name] = config.o_dim
         self.s_parametrization[adapter_name] = config.s_parametrization
@@ -125,20 +132,38 @@ class OSoRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _find_factors(
-        self, key: tuple[int, str], weight: torch.Tensor, saved: dict[str, torch.Tensor] | None
+        self,
+        key: tuple[int, InitMethod, SVDOptions],
+        saved: dict[str, torch.Tensor] | None,
+        cache_dir: str | None = None,
     ) -> tuple[SVDFactors, torch.Tensor]:
-        """Factors for ``key``: from the file being loaded, shared with an adapter of equal r, or a fresh SVD."""
+        """Factors for ``key``: from the file being loaded, shared with an adapter of equal r, or a fresh SVD.
+
+        A fresh SVD uses the knobs in ``key`` and the factor cache in ``cache_dir``; under
+        torch.distributed rank 0 computes and broadcasts, so every rank holds identical factors. A ZeRO-3
+        partitioned weight is gathered for the fingerprint and the decomposition.
+        """
+        names = ("osora_U", "osora_sigma", "osora_Vh")
         for other, other_key in self.factor_key.items():
             if other_key == key:  # adapters of equal r on one weight share one copy of the frozen factors
                 factors = SVDFactors(self.osora_U[other], self.osora_sigma[other], self.osora_Vh[other])
-                if saved is None or all(
-                    torch.equal(saved[n].to(t), t) for n, t in zip(("osora_U", "osora_sigma", "osora_Vh"), factors)
-                ):
+                shared = (factors.U, factors.sigma, factors.Vh)
+                if saved is None or all(torch.equal(saved[n].to(t), t) for n, t in zip(names, shared)):
                     return factors, self.osora_fingerprint[other]
-        fingerprint = weight_fingerprint(self.get_base_layer().weight).to(weight.device)
-        if saved is not None:
-            return SVDFactors(saved["osora_U"], saved["osora_sigma"], saved["osora_Vh"]), fingerprint
-        return top_r_svd(weight, key[0], key[1]), fingerprint
+        base_weight = self.get_base_layer().weight
+        with gathered_parameters(base_weight):
+            fingerprint = weight_fingerprint(base_weight).to(base_weight.device)
+            if saved is not None:
+                return SVDFactors(saved["osora_U"], saved["osora_sigma"], saved["osora_Vh"]), fingerprint
+            dense = self.dense_base_weight()  # (d_out, d_in), in full even under ZeRO-3
+            r, method, options = key
+            factors = broadcast_factors(
+                partial(cached_top_r_svd, dense, r, method, options, cache_dir, fingerprint, top_r_svd),
+                (dense.shape[0], dense.shape[1]),
+                r,
+                dense.device,
+            )
+        return factors, fingerprint
 
     def reset_osora_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         """S = σ (or s = 1 when scaled) and O = 1; random values around them when ``init_weights`` is False."""
@@ -157,7 +182,12 @@ class OSoRALayer(BaseTunerLayer):
         sigma = self.osora_sigma[adapter]
         S = OF.effective_S(self.osora_S[adapter], sigma, self.s_parametrization[adapter])
         delta = OF.delta_weight(
-            self.osora_U[adapter], self.osora_Vh[adapter], sigma, S, self.osora_O[adapter], self.o_dim[adapter]
+            self.osora_U[adapter],
+            self.osora_Vh[adapter],
+            sigma,
+            S,
+            self.osora_O[adapter],
+            self.o_dim[adapter],
         )
         delta = delta.T if self.fan_in_fan_out else delta
         return delta.to(self.get_base_layer().weight.dtype)
@@ -175,7 +205,9 @@ class OSoRALayer(BaseTunerLayer):
             weight = self.get_base_weight()
             merged = weight.float() + self.get_delta_weight(name).float()
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs in the merged weight of adapter '{name}'; the adapter is broken")
+                raise ValueError(
+                    f"NaNs or infs in the merged weight of adapter '{name}'; the adapter is broken"
+                )
             self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
@@ -193,12 +225,21 @@ class OSoRALayer(BaseTunerLayer):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def osora_branch(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x of one adapter, (..., d_out), in the factors' dtype."""
+        """ΔW x of one adapter, (..., d_out), in the factors' dtype.
+
+        Trains through :mod:`osora.autograd`, whose backward keeps z = Vᵀx (r per token) instead of x.
+        """
         sigma = self.osora_sigma[adapter]
         S = OF.effective_S(self.osora_S[adapter], sigma, self.s_parametrization[adapter])
         x = self.osora_dropout[adapter](x)
-        return OF.delta_forward(
-            x, self.osora_U[adapter], self.osora_Vh[adapter], sigma, S, self.osora_O[adapter], self.o_dim[adapter]
+        return OA.delta_forward(
+            x,
+            self.osora_U[adapter],
+            self.osora_Vh[adapter],
+            sigma,
+            S,
+            self.osora_O[adapter],
+            self.o_dim[adapter],
         )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

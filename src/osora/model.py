@@ -6,9 +6,10 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
@@ -45,9 +46,10 @@ class OSoRAModel(BaseTuner):
 
     prefix: str = "osora_"
     tuner_layer_cls = OSoRALayer
-    target_module_mapping = DEFAULT_TARGET_MODULES
+    # peft types this dict[str, list[str]]; a regex string is accepted by its matching as well
+    target_module_mapping = DEFAULT_TARGET_MODULES  # type: ignore[assignment]
 
-    def _pre_injection_hook(self, model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         self._progress: tqdm | None = None
         total = sum(isinstance(m, (nn.Linear, Conv1D)) for m in model.modules())
         if total >= PROGRESS_MIN_MATRICES:
@@ -55,13 +57,15 @@ class OSoRAModel(BaseTuner):
                 total=None, desc=f"OSoRA factors ({adapter_name})", unit="matrix", leave=False
             )
 
-    def _post_injection_hook(self, model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
+    def _post_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        config._checkpoint = None  # the saved factors are in the layers now; drop the file's copy
+        cast(
+            OSoRAConfig, config
+        )._checkpoint = None  # the saved factors are in the layers now; drop the file's copy
 
-    def _create_and_replace(
+    def _create_and_replace(  # type: ignore[override]
         self,
         peft_config: OSoRAConfig,
         adapter_name: str,
@@ -84,8 +88,9 @@ class OSoRAModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)  # an added adapter is not automatically trainable
             self._replace_module(parent, target_name, new_module, target)
-        if getattr(self, "_progress", None) is not None:
-            self._progress.update(1)
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.update(1)
 
     @staticmethod
     def _saved_factors(config: OSoRAConfig, key: str) -> dict[str, torch.Tensor] | None:
@@ -157,7 +162,7 @@ class OSoRAModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: OSoRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Check each saved base-weight fingerprint against the base this adapter is loaded onto.
 
@@ -165,6 +170,7 @@ class OSoRAModel(BaseTuner):
         carry their factors still load (ΔW is exact), with a warning.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        save_factors = cast(OSoRAConfig, config).save_factors
         layers = {name: m for name, m in model.named_modules() if isinstance(m, OSoRALayer)}
         fp_suffix = f".osora_fingerprint.{adapter_name}"
         checked = 0
@@ -183,11 +189,11 @@ class OSoRAModel(BaseTuner):
                 f"the base weight of '{module}' differs from the one adapter '{adapter_name}' was trained on "
                 "(fingerprint mismatch: different model, revision, dtype or modified weights)"
             )
-            if not config.save_factors:
+            if not save_factors:
                 raise AdapterFileError(f"refusing to load a compact OSoRA adapter: {msg}")
             warnings.warn(f"OSoRA: {msg}; its saved factors are used, so ΔW is exact", stacklevel=2)
         expected = sum(adapter_name in m.osora_S for m in layers.values())
-        if not config.save_factors and checked < expected:
+        if not save_factors and checked < expected:
             raise AdapterFileError(
                 f"compact OSoRA adapter '{adapter_name}' has fingerprints for {checked} of {expected} adapted "
                 "matrices; the file is incomplete or was saved from a different model"

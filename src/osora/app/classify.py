@@ -1,0 +1,380 @@
+"""Sequence classification, small and plain: read a labelled file, build a head-only / full / LoRA / VeRA / OSoRA
+model, train it with one AdamW loop, score it, measure its adapter file.
+
+Shared by ``osora demo`` and ``benchmarks/glue.py`` so that both compare methods under exactly the same loop. A
+plain torch loop rather than ``transformers.Trainer``: on runs of a few hundred steps on a CPU, Trainer's setup
+costs more than the training, and the loop below is the whole story in 40 lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import json
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+#: Column names tried, in order, for the first text, the optional second text and the label. They cover the GLUE
+#: TSVs (SST-2 ``sentence``, RTE ``sentence1/2``, MRPC ``#1 String``/``#2 String``/``Quality``, QQP, QNLI) and
+#: the usual ``text``/``label`` of other files.
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "#1 String", "question", "question1")
+PAIR_COLUMNS = ("sentence2", "#2 String", "text_pair", "question2")
+LABEL_COLUMNS = ("label", "Quality", "gold_label", "labels")
+
+
+@dataclass
+class Example:
+    """One labelled example: a text, an optional second text (sentence-pair tasks) and an integer label."""
+
+    text: str
+    label: int
+    text_pair: str | None = None
+
+
+@dataclass
+class Dataset:
+    """Examples plus the label names, index i being label i."""
+
+    examples: list[Example]
+    label_names: list[str]
+
+
+def _pick(
+    columns: Sequence[str], candidates: Sequence[str], what: str, path: Path, required: bool = True
+) -> str:
+    for name in candidates:
+        if name in columns:
+            return name
+    if required:
+        raise ValueError(
+            f"{path}: no {what} column; expected one of {list(candidates)}, found {list(columns)}"
+        )
+    return ""
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".json"}:
+        with path.open(encoding="utf-8") as f:
+            return [{k: str(v) for k, v in json.loads(line).items()} for line in f if line.strip()]
+    if suffix not in {".tsv", ".csv"}:
+        raise ValueError(f"{path}: unsupported format {suffix!r}; use .tsv, .csv or .jsonl")
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix == ".tsv":
+            # GLUE's TSVs are not CSV-quoted: a sentence may start with a double quote.
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        return list(csv.DictReader(f))
+
+
+def read_labelled(path: str | os.PathLike[str], label_names: list[str] | None = None) -> Dataset:
+    """Read a labelled TSV, CSV or JSONL file (the GLUE TSV layout included) into a :class:`Dataset`.
+
+    Integer labels are kept as they are; string labels are numbered in sorted order (so RTE's ``entailment`` is 0,
+    as in GLUE) unless ``label_names`` fixes the order, e.g. to read dev with train's names.
+    """
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    columns = list(rows[0].keys())
+    text_col = _pick(columns, TEXT_COLUMNS, "text", path)
+    pair_col = _pick(columns, PAIR_COLUMNS, "second text", path, required=False)
+    label_col = _pick(columns, LABEL_COLUMNS, "label", path)
+    rows = [r for r in rows if r.get(label_col) not in (None, "")]
+    raw = [r[label_col].strip() for r in rows]
+    if label_names is None:
+        if all(v.lstrip("-").isdigit() for v in raw):
+            label_names = [str(i) for i in range(max(int(v) for v in raw) + 1)]
+        else:
+            label_names = sorted(set(raw))
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:5]} not in {label_names}")
+    examples = [
+        Example(text=r[text_col], label=index[v], text_pair=r[pair_col] if pair_col else None)
+        for r, v in zip(rows, raw)
+    ]
+    return Dataset(examples, label_names)
+
+
+# -- tokenised batches ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (unpadded) and labels; batches are padded to their own longest example."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: torch.Tensor  # (n,)
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        width = max(len(self.input_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # (batch, seq)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)  # (batch, seq)
+        types = torch.zeros((len(idx), width), dtype=torch.long)  # (batch, seq)
+        for row, i in enumerate(idx):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if self.token_type_ids is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(idx)]}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = types
+        return out
+
+
+def encode(tokenizer: object, examples: Sequence[Example], max_length: int = 64) -> Encoded:
+    """Tokenise once, up front; padding happens per batch."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    has_pair = any(p is not None for p in pairs)
+    enc = tokenizer(  # type: ignore[operator]
+        texts, [p or "" for p in pairs] if has_pair else None, truncation=True, max_length=max_length
+    )
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels, pad_id)
+
+
+def batches(n: int, batch_size: int, shuffle: bool, seed: int = 0) -> list[list[int]]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+#: The methods compared. ``osora`` is OSoRAConfig's default (raw S); ``osora-scaled`` trains s with S = σ ⊙ s;
+#: ``osora-S`` / ``osora-O`` train one vector only (the paper's ablation).
+METHODS = ("head", "full", "lora", "vera", "osora", "osora-scaled", "osora-S", "osora-O")
+
+
+@dataclass
+class MethodSpec:
+    """How a method is built: LoRA's rank, and the rank r shared by VeRA and every OSoRA variant.
+
+    VeRA and OSoRA both train r + d_out numbers per matrix, so one r gives them the same parameter budget.
+    """
+
+    name: str
+    lora_rank: int = 8
+    vector_rank: int = 64
+
+
+def load_base(model_name: str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
+    """The pretrained model with a fresh classification head (seeded), and the names of the head's modules."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized weights" warning is expected here
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_name, num_labels=num_labels, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = sorted({k.split(".")[0] for k in info["missing_keys"]}) or ["classifier"]
+    return model, head
+
+
+def target_modules(model: nn.Module, head: list[str]) -> list[str] | str:
+    """OSoRA's default targets for the architecture, else every linear layer outside the head and the pooler."""
+    from osora import DEFAULT_TARGET_MODULES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    names = {
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.split(".")[0] not in head and "pooler" not in name
+    }
+    return sorted(names)
+
+
+def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | None = None) -> nn.Module:
+    """Wrap ``model`` for ``method``: freeze all but the head, unfreeze everything, or attach a PEFT adapter."""
+    import peft
+
+    import osora
+
+    spec = spec or MethodSpec(method)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in head)
+        return model
+    common = {"target_modules": target_modules(model, head), "modules_to_save": head, "task_type": "SEQ_CLS"}
+    configs: dict[str, Callable[[], peft.PeftConfig]] = {
+        "lora": lambda: peft.LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, **common),
+        # save_projection=False and save_factors=False: both vector methods save only their trained vectors
+        # (plus what regenerates the frozen part), so adapter bytes compare like with like.
+        "vera": lambda: peft.VeraConfig(r=spec.vector_rank, save_projection=False, **common),
+        "osora": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, **common),
+        "osora-scaled": lambda: osora.OSoRAConfig(
+            r=spec.vector_rank, save_factors=False, s_parametrization="scaled", **common
+        ),
+        "osora-S": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, trainable="S", **common),
+        "osora-O": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, trainable="O", **common),
+    }
+    if method not in configs:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return peft.get_peft_model(model, configs[method]())
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_trained(model: nn.Module, directory: str | os.PathLike[str]) -> int:
+    """Save what a method trains (the PEFT adapter, or the trainable tensors for head/full); return its bytes."""
+    import peft
+    from safetensors.torch import save_file
+
+    import osora
+
+    directory = Path(directory)
+    if isinstance(model, peft.PeftModel):
+        osora.save_adapter(model, directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(directory / "model.safetensors"))
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def adapter_bytes(model: nn.Module) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_trained(model, Path(tmp) / "adapter")
+
+
+# -- training and scoring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    lr: float
+    epochs: float = 1.0
+    batch_size: int = 32
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def _schedule(config: TrainConfig, total: int) -> Callable[[int], float]:
+    warm = max(1, int(config.warmup * total))
+    return lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
+def train(model: nn.Module, data: Encoded, config: TrainConfig, desc: str = "train") -> TrainResult:
+    """AdamW with linear warm-up and decay over ``epochs`` passes (fractions allowed); returns the loss per step."""
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total = max(1, round(config.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total))
+    order: Iterator[list[int]] = (
+        b
+        for epoch in range(math.ceil(config.epochs))
+        for b in batches(len(data), config.batch_size, True, config.seed + epoch)
+    )
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+        for idx in itertools.islice(order, total):
+            loss = model(**data.batch(idx)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+    result.seconds = time.perf_counter() - start
+    result.steps = total
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, batch_size: int = 128, desc: str | None = None) -> torch.Tensor:
+    """Logits (n, num_labels), batched by length so padding stays small."""
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    logits = torch.empty(0)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(chunks, desc=desc or "eval", leave=False, disable=desc is None):
+        batch = data.batch(idx)
+        batch.pop("labels")
+        out = model(**batch).logits.float()  # (batch, num_labels)
+        if logits.numel() == 0:
+            logits = torch.empty(len(data), out.shape[-1])
+        logits[idx] = out
+    return logits
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+# -- peak memory --------------------------------------------------------------------------------------------------
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's resident high-water mark (VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes() -> int:
+    """Peak since :func:`reset_peak_memory`: CUDA allocated bytes, or process peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -57,6 +57,13 @@ LR_CENTRE = {
 DEFAULT_ORDER = ("lora", "osora", "osora-scaled", "vera", "head", "full", "osora-S", "osora-O")
 
 
+def _parse_centre(text: str) -> tuple[str, float]:
+    method, _, lr = text.partition("=")
+    if method not in LR_CENTRE or not lr:
+        raise SystemExit(f"--lr-centre wants METHOD=LR with METHOD in {sorted(LR_CENTRE)}, got {text!r}")
+    return method, float(lr)
+
+
 def lr_grid(centre: float, points: int, step: float) -> list[float]:
     half = (points - 1) / 2
     return [float(f"{centre * step ** (i - half):.3g}") for i in range(points)]
@@ -304,6 +311,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vector-rank", type=int, default=64, help="r of VeRA and every OSoRA variant")
     p.add_argument("--grid-points", type=int, default=3)
     p.add_argument("--grid-step", type=float, default=math.sqrt(10))
+    p.add_argument(
+        "--lr-centre",
+        nargs="*",
+        default=[],
+        metavar="METHOD=LR",
+        help="move a method's grid centre (default LR_CENTRE), e.g. to centre it on the rate an earlier, "
+        "smaller run picked",
+    )
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument(
         "--reuse",
@@ -349,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dev": C.encode(tokenizer, dev_examples, args.max_length),
     }
-    grids = {m: lr_grid(LR_CENTRE[m], args.grid_points, args.grid_step) for m in args.methods}
+    centres = {**LR_CENTRE, **dict(_parse_centre(c) for c in args.lr_centre)}
+    grids = {m: lr_grid(centres[m], args.grid_points, args.grid_step) for m in args.methods}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"glue_{args.task}.json", out / f"glue_{args.task}.png"

@@ -19,8 +19,8 @@ Bias = Literal["none", "all", "osora_only"]
 
 _ALL_LINEAR_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-#: Default targets per ``config.model_type``: every linear layer of the transformer blocks, the setting of the
-#: paper's LLM experiments. Encoders target their block's linears but not the pooler.
+#: Default targets per ``config.model_type``: every linear layer of the transformer blocks (the most adapted
+#: setting; pass target_modules to narrow it). Encoders target their block's linears but not the pooler.
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "llama": _ALL_LINEAR_LLAMA,
     "mistral": _ALL_LINEAR_LLAMA,

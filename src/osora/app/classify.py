@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -229,7 +230,11 @@ def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | Non
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in head)
         return model
-    common = {"target_modules": target_modules(model, head), "modules_to_save": head, "task_type": "SEQ_CLS"}
+    common: dict[str, Any] = {
+        "target_modules": target_modules(model, head),
+        "modules_to_save": head,
+        "task_type": "SEQ_CLS",
+    }
     configs: dict[str, Callable[[], peft.PeftConfig]] = {
         "lora": lambda: peft.LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, **common),
         # save_projection=False and save_factors=False: both vector methods save only their trained vectors

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,7 @@ def texts_of(records: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def few_shot_prefix(
-    shots: list[Mapping[str, Any]], fmt: str, style: PromptStyle, tokenizer: Any = None
+    shots: Sequence[Mapping[str, Any]], fmt: str, style: PromptStyle, tokenizer: Any = None
 ) -> Callable[[str], str]:
     """A function that prepends ``shots`` (prompt + response each) to a prompt."""
     prefix = "".join(

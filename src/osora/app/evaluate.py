@@ -26,9 +26,13 @@ from .scoring import TASKS
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def load_model(path: str, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
+def load_model(
+    path: str, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """(model, tokenizer) for a model dir / hub id, or for an adapter dir on top of its base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any
 
     torch_dtype: Any = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         dtype, "auto"
@@ -114,7 +118,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     prompts = [add_shots(make_prompt(r, fmt, style, tokenizer)) for r in records]
     completions = generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens)
 
-    examples = []
+    examples: list[dict[str, Any]] = []
     for record, prompt, completion in zip(records, prompts, completions):
         prediction, reference, correct = task.score(_cut(completion, style), record)
         examples.append(

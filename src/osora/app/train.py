@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -109,7 +109,7 @@ def _lora(**extra: Any) -> Callable[[MethodConfig, Any], Any]:
         alpha = m.lora_alpha if m.lora_alpha is not None else m.r
         return LoraConfig(
             r=m.r,
-            lora_alpha=alpha,
+            lora_alpha=cast(int, alpha),  # peft annotates int but scales by any number
             lora_dropout=m.dropout,
             target_modules=targets,
             task_type="CAUSAL_LM",
@@ -171,6 +171,11 @@ def training_arguments(cfg: RunConfig):
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing; 4.x only knows the old name
     fields = TrainingArguments.__dataclass_fields__
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing: dict[str, Any] = {
+        ckpt: t.gradient_checkpointing,
+        f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+    }
+    fsdp: dict[str, Any] = {"fsdp": t.fsdp} if t.fsdp else {}
     return TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.num_train_epochs,
@@ -184,10 +189,7 @@ def training_arguments(cfg: RunConfig):
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         fp16=t.fp16,
-        **{
-            ckpt: t.gradient_checkpointing,
-            f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
-        },
+        **checkpointing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
@@ -197,7 +199,7 @@ def training_arguments(cfg: RunConfig):
         use_cpu=t.use_cpu,
         ddp_backend=t.ddp_backend,
         deepspeed=t.deepspeed,
-        **({"fsdp": t.fsdp} if t.fsdp else {}),
+        **fsdp,
         dataloader_num_workers=t.dataloader_num_workers,
         disable_tqdm=t.disable_tqdm,
         ddp_find_unused_parameters=False,

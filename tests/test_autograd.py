@@ -132,11 +132,18 @@ def test_only_needed_gradients(wrt) -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_left_factor_times_Vh_is_delta_weight() -> None:
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+def test_low_rank_factors_multiply_to_the_dense_delta(o_dim: str) -> None:
     f = factors(torch.float64, torch.float64)
-    B = OA.left_factor(f["U"], f["sigma"], f["S"], f["O"])
-    delta = OF.delta_weight(f["U"], f["Vh"], f["sigma"], f["S"], f["O"]).double()
-    torch.testing.assert_close(B @ f["Vh"], delta, atol=1e-6, rtol=0)  # delta_weight computes in float32
+    U, Vh, sigma, S = f["U"], f["Vh"], f["sigma"], f["S"]
+    O = f["O"] if o_dim == "output" else 1.0 + 0.3 * torch.randn(Vh.shape[1], dtype=torch.float64)
+    dense = (
+        torch.diag(O) @ U @ torch.diag(S) @ Vh
+        if o_dim == "output"
+        else U @ torch.diag(S) @ Vh @ torch.diag(O)
+    ) - U @ torch.diag(sigma) @ Vh
+    B, A = OF.low_rank_factors(U, Vh, sigma, S, O, o_dim)
+    torch.testing.assert_close(B @ A, dense, atol=1e-12, rtol=0)
 
 
 def test_exactly_zero_at_init() -> None:

@@ -60,12 +60,6 @@ def plain_path() -> Iterator[None]:
         _enabled = previous
 
 
-def left_factor(U: torch.Tensor, sigma: torch.Tensor, S: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
-    """B = diag(O) U diag(S) − U diag(σ) = U ⊙ ((S − σ)ᵀ + (O − 1) Sᵀ), (d_out, r), in S's dtype; ΔW = B Vᵀ."""
-    S_minus_sigma = S - sigma.to(S.dtype)  # (r,)
-    return U.to(S.dtype) * (S_minus_sigma + (O.to(S.dtype) - 1.0).unsqueeze(1) * S)
-
-
 class OSoRABranch(torch.autograd.Function):
     """ΔW x (output variant) that saves z = Vᵀx (tokens × r) for backward, plus U, Vᵀ, B, S and O (no per-token)."""
 
@@ -80,7 +74,7 @@ class OSoRABranch(torch.autograd.Function):
         O: torch.Tensor,
     ) -> torch.Tensor:
         z = F.linear(x.to(Vh.dtype), Vh)  # (..., r)
-        B = left_factor(U, sigma, S, O).to(Vh.dtype)  # (d_out, r)
+        B = OF.low_rank_factors(U, Vh, sigma, S, O)[0].to(Vh.dtype)  # (d_out, r): ΔW = B Vᵀ
         ctx.save_for_backward(z, U, Vh, B, S, O)
         ctx.x_dtype = x.dtype
         return F.linear(z, B)  # (..., d_out)

@@ -128,9 +128,7 @@ def save_merged(
 def lora_factors(f: _Factors, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B A = ΔW (or, with ``residual``, B A = diag(O) U diag(S) Vᵀ), float32."""
     sigma = torch.zeros_like(f.sigma) if residual else f.sigma
-    if f.o_dim == "output":
-        return f.O.unsqueeze(1) * f.U * f.S - f.U * sigma, f.Vh
-    return f.U, (f.S.unsqueeze(1) * f.Vh * f.O - sigma.unsqueeze(1) * f.Vh)
+    return OF.low_rank_factors(f.U, f.Vh, sigma, f.S, f.O, f.o_dim)
 
 
 def _save_lora(peft_model: PeftModel, adapter_name: str, out_dir: Path, residual: bool) -> None:

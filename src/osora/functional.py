@@ -64,11 +64,30 @@ def delta_weight(
     ``S`` is the effective S (see :func:`effective_S`). Written in the difference form so that ΔW is exactly
     zero at initialisation.
     """
-    U, Vh, sigma, S, O = (t.float() for t in (U, Vh, sigma, S, O))
-    delta = (U * (S - sigma)) @ Vh  # (d_out, d_in)
+    B, A = low_rank_factors(U.float(), Vh.float(), sigma.float(), S.float(), O.float(), o_dim)
+    return B @ A
+
+
+def low_rank_factors(
+    U: torch.Tensor,
+    Vh: torch.Tensor,
+    sigma: torch.Tensor,
+    S: torch.Tensor,
+    O: torch.Tensor,
+    o_dim: ODim = "output",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with ΔW = B A, rank ≤ r, in the dtype of S (the one definition of ΔW in the package).
+
+    output: B = diag(O) U diag(S) − U diag(σ) = U ⊙ ((S − σ)ᵀ + (O − 1) Sᵀ)    (d_out, r),  A = Vᵀ
+    input:  B = U,  A = diag(S) Vᵀ diag(O) − diag(σ) Vᵀ = diag(S − σ) Vᵀ + diag(S) Vᵀ diag(O − 1)    (r, d_in)
+
+    Both are built from differences, so they are exactly zero at initialisation.
+    """
+    dtype = S.dtype
+    U, Vh, sigma, O = U.to(dtype), Vh.to(dtype), sigma.to(dtype), O.to(dtype)
     if o_dim == "output":
-        return delta + (O - 1.0).unsqueeze(1) * ((U * S) @ Vh)
-    return delta + ((U * S) @ Vh) * (O - 1.0)
+        return U * ((S - sigma) + (O - 1.0).unsqueeze(1) * S), Vh
+    return U, (S - sigma).unsqueeze(1) * Vh + S.unsqueeze(1) * Vh * (O - 1.0)
 
 
 def delta_forward(

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,3 +308,20 @@ def help_text() -> str:
 
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
+
+
+def config_from_argv(command: str, usage: str, argv: list[str]) -> RunConfig | int:
+    """The RunConfig of ``osora COMMAND [CONFIG.yaml] [section.key=value ...]``, or the exit code to return.
+
+    ``-h``/``--help`` prints the usage and every field's help (exit 0); no arguments print it too (exit 2); a
+    config error is printed without a traceback (exit 2).
+    """
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(f"usage: osora {command} {usage}\n\n" + help_text())
+        return 0 if argv else 2
+    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as error:
+        print(f"osora {command}: {error}", file=sys.stderr)
+        return 2

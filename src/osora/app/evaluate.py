@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, RunConfig, help_text, load_config, to_dict
+from .config import RunConfig, config_from_argv, to_dict
 from .data import detect_format, few_shot_prefix, load_records, make_prompt
 from .scoring import TASKS
 
@@ -157,15 +157,9 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: osora eval [CONFIG.yaml] [section.key=value ...]\n\n" + help_text())
-        return 0 if argv else 2
-    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as error:
-        print(f"osora eval: {error}", file=sys.stderr)
-        return 2
+    cfg = config_from_argv("eval", "[CONFIG.yaml] [section.key=value ...]", argv)
+    if isinstance(cfg, int):
+        return cfg
     evaluate(cfg)
     sys.stdout.flush()
     return 0

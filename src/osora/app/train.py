@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import torch
 
-from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, help_text, load_config, to_dict
+from .config import MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
 
 logger = logging.getLogger("osora.train")
@@ -268,15 +268,9 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: osora train CONFIG.yaml [section.key=value ...]\n\n" + help_text())
-        return 0 if argv else 2
+    cfg = config_from_argv("train", "CONFIG.yaml [section.key=value ...]", argv)
+    if isinstance(cfg, int):
+        return cfg
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as error:
-        print(f"osora train: {error}", file=sys.stderr)
-        return 2
     run(cfg)
     return 0

@@ -123,6 +123,9 @@ def test_read_glue_pair_tsvs(tmp_path: Path) -> None:
     mrpc = tmp_path / "mrpc.tsv"
     mrpc.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tHe left.\tHe went away.\n")
     assert C.read_labelled(mrpc).examples == [C.Example("He left.", 1, "He went away.")]
+    qnli = tmp_path / "qnli.tsv"  # the question comes first, the sentence second
+    qnli.write_text("index\tquestion\tsentence\tlabel\n0\tWho left?\tHe left.\tentailment\n")
+    assert C.read_labelled(qnli).examples == [C.Example("Who left?", 0, "He left.")]
     # dev read with train's label names keeps their order even if it holds one class only
     dev = tmp_path / "dev.tsv"
     dev.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tnot_entailment\n")
@@ -150,6 +153,40 @@ def test_encode_pairs_and_pad_per_batch(tiny_bert: str) -> None:
     assert batch["token_type_ids"][0].max() == 1  # the second text is segment 1
     assert batch["attention_mask"][1].sum() == len(enc.input_ids[1])
     assert batch["labels"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["head", "osora"])
+def test_mean_pooling_is_the_masked_mean_and_ignores_padding(tiny_bert: str, method: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    enc = C.encode(tokenizer, [C.Example("good", 1), C.Example("the movie was good and fun", 0)])
+    model, head = C.load_base(tiny_bert, 2, seed=0, pooling="mean")
+    model = C.build(method, model, head, C.MethodSpec(method, vector_rank=4))
+    model.eval()
+    with torch.no_grad():
+        both = enc.batch([0, 1])  # the short example padded to the long one
+        both.pop("labels")
+        alone = enc.batch([0])
+        alone.pop("labels")
+        assert both["attention_mask"][0].sum() < both["attention_mask"].shape[1]
+        logits_padded = model(**both).logits[0]
+        logits_alone = model(**alone).logits[0]
+        torch.testing.assert_close(logits_padded, logits_alone, rtol=1e-5, atol=1e-6)
+        # the classifier sees the masked mean of the last hidden states (dropout is off in eval)
+        encoder = model.get_base_model().bert if method == "osora" else model.bert
+        hidden = encoder(**both).last_hidden_state  # (batch, seq, d)
+        mask = both["attention_mask"].unsqueeze(-1).float()
+        classifier = model.get_base_model().classifier if method == "osora" else model.classifier
+        torch.testing.assert_close(model(**both).logits, classifier((hidden * mask).sum(1) / mask.sum(1)))
+    assert head == ["classifier"] and not any(n.endswith("pooler.dense") for n, _ in model.named_modules())
+
+
+def test_mean_pooling_needs_a_pooler() -> None:
+    with pytest.raises(ValueError, match="has none"):
+        C.use_mean_pooling(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        C.load_base("unused", 2, seed=0, pooling="cls")
 
 
 # -- the demo end to end on the tiny model ---------------------------------------------------------------------
@@ -257,6 +294,30 @@ def test_glue_runner_on_tiny_pair_task(tiny_bert: str, tmp_path: Path) -> None:
     assert glue.main(argv + ["--readme", str(tmp_path / "again.md")]) == 0
     again = json.loads((tmp_path / "res" / "glue_again.json").read_text())
     assert all("reused_from" in r for r in again["runs"]) and again["summary"] == report["summary"]
+
+
+def test_glue_runner_reads_a_datasets_source(tiny_bert: str, tmp_path: Path) -> None:
+    """--hub goes through datasets.load_dataset: here a local folder of JSON-lines splits (no network)."""
+    glue = _glue_module()
+    data = tmp_path / "local_glue"
+    data.mkdir()
+    task = demo.generate_task(30, 12, seed=3)
+    for split, examples in (("train", task.train), ("validation", task.test)):
+        rows = [
+            {"premise": "a review", "hypothesis": e.text, "label": e.label, "idx": i}
+            for i, e in enumerate(examples)
+        ]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--hub", str(data), "--task", "local", "--model", tiny_bert, "--methods", "osora", "--seeds", "0"]
+    argv += ["--train-size", "20", "--select-size", "6", "--grid-points", "1", "--vector-rank", "4"]
+    argv += ["--pooling", "mean", "--out", str(tmp_path / "res"), "--readme", str(tmp_path / "README.md")]
+    assert glue.main(argv) == 0
+    report = json.loads((tmp_path / "res" / "glue_local.json").read_text())
+    assert report["config"]["pooling"] == "mean" and len(report["runs"]) == 1
+    assert "mean pooling" in (tmp_path / "README.md").read_text()
+    train, dev = glue.load_task(glue.parse_args(argv))
+    assert train.examples[0] == C.Example("a review", task.train[0].label, task.train[0].text)
+    assert len(dev.examples) == len(task.test)
 
 
 def test_lr_grid_is_log_spaced_around_its_centre() -> None:

@@ -27,11 +27,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-#: Column names tried, in order, for the first text, the optional second text and the label. They cover the GLUE
-#: TSVs (SST-2 ``sentence``, RTE ``sentence1/2``, MRPC ``#1 String``/``#2 String``/``Quality``, QQP, QNLI) and
-#: the usual ``text``/``label`` of other files.
-TEXT_COLUMNS = ("sentence", "text", "sentence1", "#1 String", "question", "question1")
-PAIR_COLUMNS = ("sentence2", "#2 String", "text_pair", "question2")
+#: Column names tried, in order, for (first text, second text): the GLUE sentence-pair layouts (RTE/WNLI/MNLI
+#: ``sentence1/2``, MRPC ``#1 String``/``#2 String``, QQP ``question1/2``, QNLI ``question``/``sentence``, the hub's
+#: MNLI ``premise``/``hypothesis``), then single texts (SST-2/CoLA ``sentence``, the usual ``text``).
+TEXT_COLUMNS: tuple[tuple[str, str | None], ...] = (
+    ("sentence1", "sentence2"),
+    ("#1 String", "#2 String"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("premise", "hypothesis"),
+    ("text", "text_pair"),
+    ("sentence", None),
+    ("text", None),
+)
+#: Column names tried, in order, for the label (MRPC's TSV calls it ``Quality``, MNLI's ``gold_label``).
 LABEL_COLUMNS = ("label", "Quality", "gold_label", "labels")
 
 
@@ -52,17 +61,24 @@ class Dataset:
     label_names: list[str]
 
 
-def _pick(
-    columns: Sequence[str], candidates: Sequence[str], what: str, path: Path, required: bool = True
-) -> str:
-    for name in candidates:
+def text_columns(columns: Sequence[str], source: object) -> tuple[str, str | None]:
+    """The (text, second text or None) columns of a table with these ``columns``, by :data:`TEXT_COLUMNS`."""
+    for text, pair in TEXT_COLUMNS:
+        if text in columns and (pair is None or pair in columns):
+            return text, pair
+    raise ValueError(
+        f"{source}: no text column; expected one of {sorted({c for p in TEXT_COLUMNS for c in p if c})}, "
+        f"found {list(columns)}"
+    )
+
+
+def label_column(columns: Sequence[str], source: object) -> str:
+    for name in LABEL_COLUMNS:
         if name in columns:
             return name
-    if required:
-        raise ValueError(
-            f"{path}: no {what} column; expected one of {list(candidates)}, found {list(columns)}"
-        )
-    return ""
+    raise ValueError(
+        f"{source}: no label column; expected one of {list(LABEL_COLUMNS)}, found {list(columns)}"
+    )
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -90,9 +106,8 @@ def read_labelled(path: str | os.PathLike[str], label_names: list[str] | None = 
     if not rows:
         raise ValueError(f"{path}: no rows")
     columns = list(rows[0].keys())
-    text_col = _pick(columns, TEXT_COLUMNS, "text", path)
-    pair_col = _pick(columns, PAIR_COLUMNS, "second text", path, required=False)
-    label_col = _pick(columns, LABEL_COLUMNS, "label", path)
+    text_col, pair_col = text_columns(columns, path)
+    label_col = label_column(columns, path)
     rows = [r for r in rows if r.get(label_col) not in (None, "")]
     raw = [r[label_col].strip() for r in rows]
     if label_names is None:
@@ -182,8 +197,58 @@ class MethodSpec:
     vector_rank: int = 64
 
 
-def load_base(model_name: str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
-    """The pretrained model with a fresh classification head (seeded), and the names of the head's modules."""
+#: How a sequence's hidden states become the classifier's input: ``model``, the architecture's own pooler (BERT's
+#: dense + tanh over the [CLS] state); ``mean``, the masked mean over tokens that sentence-transformers encoders
+#: such as all-MiniLM-L6-v2 are trained with (their [CLS] state and pooler were never trained as a summary).
+POOLINGS = ("model", "mean")
+
+
+class MeanPooler(nn.Module):
+    """Masked mean of the last hidden states, in place of a BERT-style ``pooler``: (batch, seq, d) -> (batch, d).
+
+    The pooler is called with the hidden states only, so the encoder's forward pre-hook (:func:`use_mean_pooling`)
+    hands it the batch's attention mask first.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None  # (batch, seq), set per forward
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden.mean(dim=1)
+        weights = self.mask.to(hidden.dtype).unsqueeze(-1)  # (batch, seq, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> nn.Module:
+    """Replace a BERT-style model's [CLS] pooler with :class:`MeanPooler` (in place; returns ``model``)."""
+    encoder = getattr(model, "base_model", model)
+    if not isinstance(getattr(encoder, "pooler", None), nn.Module):
+        raise ValueError(
+            f"pooling='mean' replaces a BERT-style encoder's pooler, and {type(model).__name__} has none; "
+            "use pooling='model'"
+        )
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+
+    def take_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        pooler.mask = mask
+
+    encoder.register_forward_pre_hook(take_mask, with_kwargs=True)
+    return model
+
+
+def load_base(
+    model_name: str, num_labels: int, seed: int, pooling: str = "model"
+) -> tuple[nn.Module, list[str]]:
+    """The pretrained model with a fresh classification head (seeded), and the names of the head's modules.
+
+    ``pooling`` is one of :data:`POOLINGS`.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -196,8 +261,18 @@ def load_base(model_name: str, num_labels: int, seed: int) -> tuple[nn.Module, l
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    head = sorted({k.split(".")[0] for k in info["missing_keys"]}) or ["classifier"]
+    # the modules whose weights the checkpoint lacks: the classifier, and e.g. BERT's pooler when it was not saved
+    head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]}) or ["classifier"]
+    if pooling == "mean":
+        use_mean_pooling(model)
+        modules = dict(model.named_modules())
+        head = [h for h in head if h in modules]  # a missing pooler is gone with the pooler
     return model, head
+
+
+def in_head(name: str, head: list[str]) -> bool:
+    """Whether parameter or module ``name`` belongs to one of the head's modules."""
+    return any(name == h or name.startswith(h + ".") for h in head)
 
 
 def target_modules(model: nn.Module, head: list[str]) -> list[str] | str:
@@ -210,7 +285,7 @@ def target_modules(model: nn.Module, head: list[str]) -> list[str] | str:
     names = {
         name.split(".")[-1]
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.split(".")[0] not in head and "pooler" not in name
+        if isinstance(module, nn.Linear) and not in_head(name, head) and "pooler" not in name
     }
     return sorted(names)
 
@@ -228,11 +303,11 @@ def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | Non
         return model
     if method == "head":
         for name, p in model.named_parameters():
-            p.requires_grad_(name.split(".")[0] in head)
+            p.requires_grad_(in_head(name, head))
         return model
     common: dict[str, Any] = {
         "target_modules": target_modules(model, head),
-        "modules_to_save": head,
+        "modules_to_save": list(head),  # a copy: peft extends the list it is given
         "task_type": "SEQ_CLS",
     }
     configs: dict[str, Callable[[], peft.PeftConfig]] = {

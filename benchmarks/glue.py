@@ -5,8 +5,10 @@ Protocol (the same for every method):
      ``--select-size`` rows are a held-out *selection* slice. dev.tsv is never used to choose anything.
   2. Sweep: for each learning rate in the method's grid (``--grid-points`` log-spaced values, a factor
      ``--grid-step`` apart, centred on the method's usual value), train with seed 0, score the selection slice.
-  3. Pick the learning rate with the best selection accuracy; train with it for every seed in ``--seeds``
-     (seed 0 reuses the sweep run) and report mean ± std dev accuracy.
+  3. Pick the learning rate with the best selection accuracy (a tie goes to the lower rate); train with it for
+     every seed in ``--seeds`` (seed 0 reuses the sweep run) and report mean ± std dev accuracy.
+  4. Optionally refine: run again with a finer grid (``--grid-points 5 --grid-step 1.7783``) centred on each
+     method's pick (``--lr-centre``), ``--reuse`` taking the rates already trained from the first file.
 
 Every run writes ``benchmarks/results/glue_<task>.json`` (full config, git commit and dirty flag, package
 versions, hardware, wall time, every run), ``glue_<task>.png`` (dev accuracy vs trainable parameters, log x) and
@@ -217,6 +219,15 @@ def checks(summary: list[dict]) -> dict[str, object]:
     return out
 
 
+def reused_text(runs: list[dict]) -> str:
+    """'; 8 of 15 runs taken from X' when --reuse supplied some runs (their time is in X, not in this wall time)."""
+    sources = sorted({r["reused_from"] for r in runs if "reused_from" in r})
+    if not sources:
+        return ""
+    count = sum("reused_from" in r for r in runs)
+    return f"; {count} of {len(runs)} runs taken from {', '.join(sources)}"
+
+
 POOLING_TEXT = {"model": "the model's own pooler", "mean": "mean pooling"}
 
 
@@ -250,7 +261,7 @@ def markdown(report: dict) -> str:
         "Train time is wall clock per run and peak memory the process's peak resident set (CPU) or peak CUDA "
         'allocation; on a shared CPU both are noisy. "(edge)": the chosen rate is the end of the grid.',
         "",
-        f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.0f} min)",
+        f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.0f} min{reused_text(report['runs'])})",
         "",
     ]
     for key, value in report["checks"].items():

@@ -182,6 +182,27 @@ def test_mean_pooling_is_the_masked_mean_and_ignores_padding(tiny_bert: str, met
     assert head == ["classifier"] and not any(n.endswith("pooler.dense") for n, _ in model.named_modules())
 
 
+def test_weights_missing_from_the_checkpoint_are_trained(tmp_path: Path) -> None:
+    """A BERT saved without its pooler: the fresh pooler is trained with the classifier, the encoder is not."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    model, head = C.load_base(str(tmp_path), 2, seed=0)
+    assert head == ["bert.pooler.dense", "classifier"]
+    trainable = {n for n, p in C.build("head", model, head).named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{w}" for m in head for w in ("weight", "bias")}
+    model, head = C.load_base(str(tmp_path), 2, seed=0)
+    peft_model = C.build("osora", model, head, C.MethodSpec("osora", vector_rank=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("pooler.dense.modules_to_save" in n for n in trainable)
+    assert all("osora_" in n or "modules_to_save" in n for n in trainable)
+    # with mean pooling the pooler is gone, and so is it from the head
+    assert C.load_base(str(tmp_path), 2, seed=0, pooling="mean")[1] == ["classifier"]
+
+
 def test_mean_pooling_needs_a_pooler() -> None:
     with pytest.raises(ValueError, match="has none"):
         C.use_mean_pooling(torch.nn.Linear(2, 2))

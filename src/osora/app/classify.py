@@ -261,8 +261,12 @@ def load_base(
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    # the modules whose weights the checkpoint lacks: the classifier, and e.g. BERT's pooler when it was not saved
-    head = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]}) or ["classifier"]
+    # the modules whose weights the checkpoint lacks: the task head (top-level, e.g. ``classifier``), and inside the
+    # encoder e.g. BERT's pooler when the checkpoint was saved without it
+    prefix = getattr(model, "base_model_prefix", "")
+    head = sorted(
+        {k.rsplit(".", 1)[0] if k.split(".")[0] == prefix else k.split(".")[0] for k in info["missing_keys"]}
+    ) or ["classifier"]
     if pooling == "mean":
         use_mean_pooling(model)
         modules = dict(model.named_modules())

@@ -174,11 +174,12 @@ def test_mean_pooling_is_the_masked_mean_and_ignores_padding(tiny_bert: str, met
         logits_alone = model(**alone).logits[0]
         torch.testing.assert_close(logits_padded, logits_alone, rtol=1e-5, atol=1e-6)
         # the classifier sees the masked mean of the last hidden states (dropout is off in eval)
-        encoder = model.get_base_model().bert if method == "osora" else model.bert
-        hidden = encoder(**both).last_hidden_state  # (batch, seq, d)
+        base = model.get_base_model() if method == "osora" else model  # the PEFT wrapper's inner model
+        hidden = base.bert(**both).last_hidden_state  # (batch, seq, d)
         mask = both["attention_mask"].unsqueeze(-1).float()
-        classifier = model.get_base_model().classifier if method == "osora" else model.classifier
-        torch.testing.assert_close(model(**both).logits, classifier((hidden * mask).sum(1) / mask.sum(1)))
+        torch.testing.assert_close(
+            model(**both).logits, base.classifier((hidden * mask).sum(1) / mask.sum(1))
+        )
     assert head == ["classifier"] and not any(n.endswith("pooler.dense") for n, _ in model.named_modules())
 
 

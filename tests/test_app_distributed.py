@@ -32,6 +32,7 @@ RANK_SCRIPT = textwrap.dedent(
     model = trainer.accelerator.unwrap_model(trainer.model)
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(state, os.path.join(out, f"rank{dist.get_rank()}.safetensors"))
+    trainer.accelerator.end_training()  # as `osora train` ends
     """
 )
 

@@ -272,5 +272,6 @@ def main(argv: list[str]) -> int:
     if isinstance(cfg, int):
         return cfg
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    run(cfg)
+    # end_training destroys the process group: a gloo group left to interpreter exit can abort a rank
+    run(cfg).accelerator.end_training()
     return 0

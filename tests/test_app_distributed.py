@@ -57,6 +57,10 @@ def test_two_process_gloo_run_has_identical_adapters(tmp_path: Path) -> None:
         f"data.path={FIXTURE}",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # Known, not yet explained: now and then (2 of 4 fresh-clone runs, 1 in ~90 repeated runs) a rank aborts
+        # in C++ teardown at interpreter exit, after its work is done. Retried once, on that message only.
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and rank0

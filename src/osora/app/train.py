@@ -264,6 +264,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
         }
         (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str))
         print(f"saved {'model' if cfg.method.name == 'full' else 'adapter'} to {out}", flush=True)
+    trainer.accelerator.wait_for_everyone()  # no rank returns (or exits) while rank 0 is still writing
     return trainer
 
 

@@ -133,7 +133,7 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
             "folder with another tool, or use the model's hub id"
         ) from error
     # the weights are plain float32 now; drop the GGUF marker so the model saves (and reloads) as an ordinary one
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osora.svd import SVDFactors, SVDOptions, exact_svd, randomized_svd, subspace_agreement
+from osora.svd import SVDFactors, SVDSpec, subspace_agreement, top_r_svd
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -130,7 +130,7 @@ def bench_matrix(
     W = W.to(device)
     exact_times, exact_out = [], None
     for _ in range(exact_reps):
-        t, exact_out = timed(lambda: exact_svd(W, max(ranks)), device)
+        t, exact_out = timed(lambda: top_r_svd(W, max(ranks), SVDSpec(method="exact")), device)
         exact_times.append(t)
     out: dict = {"exact_time_s": stats(exact_times), "by_r": {}}
     for r in ranks:
@@ -138,7 +138,7 @@ def bench_matrix(
         for rep in range(reps):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                t, f = timed(lambda r=r, rep=rep: randomized_svd(W, r, SVDOptions(seed=rep)), device)
+                t, f = timed(lambda r=r, rep=rep: top_r_svd(W, r, SVDSpec(seed=rep)), device)
             warned += len(caught)
             times.append(t)
             acc.append(accuracy(f, ref, r))
@@ -165,7 +165,10 @@ def bench_minilm(weights: dict[str, torch.Tensor], ranks: list[int], reps: int, 
     exact_times = []
     for _ in range(reps):
         exact_times.append(
-            sum(timed(lambda W=W: exact_svd(W.to(device), 8), device)[0] for W in weights.values())
+            sum(
+                timed(lambda W=W: top_r_svd(W.to(device), 8, SVDSpec(method="exact")), device)[0]
+                for W in weights.values()
+            )
         )
     out: dict = {"matrices": len(weights), "exact_time_s": stats(exact_times), "by_r": {}}
     for r in ranks:
@@ -176,7 +179,7 @@ def bench_minilm(weights: dict[str, torch.Tensor], ranks: list[int], reps: int, 
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     t, f = timed(
-                        lambda W=W, r=r, rep=rep: randomized_svd(W.to(device), r, SVDOptions(seed=rep)),
+                        lambda W=W, r=r, rep=rep: top_r_svd(W.to(device), r, SVDSpec(seed=rep)),
                         device,
                     )
                 warned += len(caught)
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                 "exact_reps": exact_reps,
                 "quick": args.quick,
                 "minilm": not args.no_minilm,
-                "randomized_options": dataclasses.asdict(SVDOptions()) | {"seed": "rep index 0..reps-1"},
+                "randomized_options": dataclasses.asdict(SVDSpec()) | {"seed": "rep index 0..reps-1"},
                 "argv": sys.argv[1:] if argv is None else argv,
             },
             "spectrum": {

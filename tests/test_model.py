@@ -291,7 +291,7 @@ def test_rank_is_clamped_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="min\\(d_in, d_out\\)"):
         model = get_peft_model(tiny_model("llama"), osora.OSoRAConfig(r=40))
     for layer in osora_layers(model).values():
-        assert layer.r["default"] == min(layer.in_features, layer.out_features)
+        assert layer.osora_S["default"].numel() == min(layer.in_features, layer.out_features)
 
 
 def test_bad_input_gives_clear_errors() -> None:

@@ -139,12 +139,12 @@ def test_corrupt_adapter_file_gives_a_clear_error_and_leaves_the_base_untouched(
 def test_saved_factors_are_reused_not_recomputed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = trained_model()
     model.save_pretrained(tmp_path / "a")
-    import osora.layer
+    import osora.factors
 
     def no_svd(*args: object, **kwargs: object) -> None:
         raise AssertionError("the SVD ran although the adapter file carries the factors")
 
-    monkeypatch.setattr(osora.layer, "top_r_svd", no_svd)
+    monkeypatch.setattr(osora.factors, "batched_top_r_svd", no_svd)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
     torch.testing.assert_close(logits(loaded, tiny_inputs()), logits(model, tiny_inputs()), atol=0, rtol=0)
 

@@ -20,10 +20,10 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import osora
-from osora import factor_cache
-from osora.distributed import broadcast_factors
+from osora import factors as factors_module
 from osora.factor_cache import FactorCache, cache_key
-from osora.svd import InitMethod, SVDAccuracyWarning, SVDOptions, randomized_svd, top_r_svd
+from osora.factors import compute_factors
+from osora.svd import InitMethod, SVDAccuracyWarning, SVDSpec, randomized_svd, top_r_svd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +64,7 @@ def test_accuracy_on_known_spectrum(method: InitMethod, spectrum: str, r: int) -
     W, U, sigma, V = known_spectrum(256, 320, SPECTRA[spectrum](256))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SVDAccuracyWarning)  # the defaults must reach their own tolerances
-        f = top_r_svd(W, r, method)
+        f = top_r_svd(W, r, SVDSpec(method=method))
     assert f.U.shape == (256, r) and f.sigma.shape == (r,) and f.Vh.shape == (r, 320)
     true_sub = min(agreement(U[:, :r], f.U), agreement(V[:, :r], f.Vh.T))
     true_sigma = float(((f.sigma.double() - sigma[:r]).abs() / sigma[:r]).max())
@@ -78,9 +78,7 @@ def test_accuracy_on_known_spectrum(method: InitMethod, spectrum: str, r: int) -
 
 def test_randomized_is_deterministic_under_a_seed() -> None:
     W, *_ = known_spectrum(300, 400, SPECTRA["power_law"](300))
-    a = randomized_svd(W, 8, SVDOptions(seed=3))
-    b = randomized_svd(W, 8, SVDOptions(seed=3))
-    c = randomized_svd(W, 8, SVDOptions(seed=4))
+    a, b, c = (randomized_svd(W[None], 8, SVDSpec(seed=seed))[0] for seed in (3, 3, 4))
     for x, y in ((a.U, b.U), (a.sigma, b.sigma), (a.Vh, b.Vh)):
         assert torch.equal(x, y)
     assert not torch.equal(a.U, c.U)  # another sketch: another (equally accurate) answer
@@ -90,7 +88,7 @@ def test_randomized_is_deterministic_under_a_seed() -> None:
 def test_canonical_signs() -> None:
     W, *_ = known_spectrum(300, 400, SPECTRA["geometric"](300))
     for method in get_args(InitMethod):
-        f = top_r_svd(W, 8, method)
+        f = top_r_svd(W, 8, SVDSpec(method=method))
         rows = f.U.abs().argmax(dim=0)
         assert (f.U[rows, torch.arange(8)] > 0).all()
         torch.testing.assert_close((f.U * f.sigma) @ f.Vh, (f.U * f.sigma) @ f.Vh)  # finite, well formed
@@ -99,14 +97,26 @@ def test_canonical_signs() -> None:
 def test_warns_with_the_measured_figure_when_tolerance_is_missed() -> None:
     W, *_ = known_spectrum(512, 512, torch.ones(512, dtype=torch.float64) + 1e-3 * torch.rand(512).double())
     with pytest.warns(SVDAccuracyWarning, match=r"estimated max relative singular-value error \d"):
-        f = randomized_svd(W, 8, SVDOptions(oversample=4, power_iters=0, max_power_iters=1))
+        (f,) = randomized_svd(W[None], 8, SVDSpec(oversample=4, power_iters=0, max_power_iters=1))
     assert f.accuracy is not None and f.accuracy.power_iters == 1
 
 
-def test_randomized_falls_back_to_exact_when_the_sketch_is_not_small() -> None:
+def test_randomized_takes_the_exact_svd_where_the_cost_model_says_it_is_cheaper() -> None:
     W, *_ = known_spectrum(64, 96, SPECTRA["power_law"](64))
-    f, e = top_r_svd(W, 8, "randomized"), top_r_svd(W, 8, "exact")
+    f, e = top_r_svd(W, 8, SVDSpec()), top_r_svd(W, 8, SVDSpec(method="exact"))
     assert torch.equal(f.U, e.U) and torch.equal(f.sigma, e.sigma)
+    assert osora.svd.prefers_exact((64, 96), 8, SVDSpec())
+    assert not osora.svd.prefers_exact((4096, 4096), 32, SVDSpec())
+
+
+def test_spec_is_validated_and_hashable() -> None:
+    with pytest.raises(ValueError, match="max_power_iters"):
+        SVDSpec(power_iters=8, max_power_iters=4)
+    with pytest.raises(ValueError, match="method"):
+        SVDSpec(method="lanczos")  # type: ignore[arg-type]
+    assert hash(SVDSpec(seed=1)) == hash(SVDSpec(seed=1)) and SVDSpec(seed=1) != SVDSpec(seed=2)
+    config = osora.OSoRAConfig(svd_seed=3, svd_oversample=5, init_method="exact")
+    assert config.svd_spec == SVDSpec(method="exact", seed=3, oversample=5)
 
 
 def test_config_validates_svd_knobs() -> None:
@@ -157,17 +167,16 @@ def test_cache_round_trip_and_corrupt_entry(tmp_path: Path, monkeypatch: pytest.
     W, *_ = known_spectrum(256, 320, SPECTRA["power_law"](256))
     fp = osora.weight_fingerprint(W)
     calls: list[int] = []
-    real = factor_cache.top_r_svd
+    real = factors_module.batched_top_r_svd
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(factor_cache, "top_r_svd", counting)
-    cache = FactorCache(tmp_path)
-    opts = SVDOptions()
-    first = cache.get_or_compute(W, 8, "randomized", opts, fp)
-    again = cache.get_or_compute(W, 8, "randomized", opts, fp)
+    monkeypatch.setattr(factors_module, "batched_top_r_svd", counting)
+    spec = SVDSpec()
+    (first,) = compute_factors([W], 8, spec, tmp_path, [fp])
+    (again,) = compute_factors([W], 8, spec, tmp_path, [fp])
     assert len(calls) == 1  # the second call is a cache hit
     for x, y in ((first.U, again.U), (first.sigma, again.sigma), (first.Vh, again.Vh)):
         assert torch.equal(x, y)
@@ -179,15 +188,16 @@ def test_cache_round_trip_and_corrupt_entry(tmp_path: Path, monkeypatch: pytest.
     data[-10] ^= 0xFF
     entry.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="corrupt"):
-        fixed = cache.get_or_compute(W, 8, "randomized", opts, fp)
+        (fixed,) = compute_factors([W], 8, spec, tmp_path, [fp])
     assert len(calls) == 2 and torch.equal(fixed.U, first.U)
-    assert cache.load(cache_key(fp, (256, 320), 8, "randomized", opts, "cpu")) is not None
+    cache = FactorCache(tmp_path)
+    assert cache.load(cache_key(fp, (256, 320), 8, spec, "cpu")) is not None
 
     # a truncated file is unreadable; an entry holding another key is stale
     entry.write_bytes(entry.read_bytes()[:100])
     with pytest.warns(UserWarning, match="unreadable"):
-        cache.get_or_compute(W, 8, "randomized", opts, fp)
-    other = cache_key(fp, (256, 320), 8, "randomized", SVDOptions(seed=1), "cpu")
+        compute_factors([W], 8, spec, tmp_path, [fp])
+    other = cache_key(fp, (256, 320), 8, SVDSpec(seed=1), "cpu")
     os.replace(entry, cache.path(other))
     with pytest.warns(UserWarning, match="stale"):
         assert cache.load(other) is None
@@ -213,7 +223,7 @@ def test_config_knobs_reach_the_svd_through_get_peft_model() -> None:
     def U(**knobs: object) -> torch.Tensor:
         return q_proj(osora.OSoRAConfig(r=4, target_modules=["q_proj"], **knobs)).osora_U["default"]
 
-    # 48 × 48 with r = 4 falls back to the exact SVD by default: the seed does not matter
+    # 48 × 48 with r = 4 is cheaper exact by the cost model: the seed does not matter
     assert torch.equal(U(svd_seed=0), U(svd_seed=1))
     # a smaller sketch keeps it randomized: the seed reaches the sketch
     assert not torch.equal(U(svd_seed=1, svd_oversample=2), U(svd_seed=2, svd_oversample=2))
@@ -251,7 +261,7 @@ def test_zero3_partitioned_weight_is_gathered(monkeypatch: pytest.MonkeyPatch) -
     weight = layer.get_base_layer().weight
     weight.ds_id = 7  # how DeepSpeed marks a ZeRO-3 partitioned parameter
     try:
-        layer._find_factors((4, "randomized", SVDOptions()), None)
+        layer._find_factors((4, SVDSpec()), None)
     finally:
         del weight.ds_id
     assert entered == [weight]
@@ -261,8 +271,8 @@ def test_zero3_partitioned_weight_is_gathered(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_randomized_on_gpu_is_deterministic_and_accurate() -> None:
     W, U, sigma, V = known_spectrum(2048, 1024, SPECTRA["power_law"](1024))
-    a = randomized_svd(W.cuda(), 32, SVDOptions(seed=5))
-    b = randomized_svd(W.cuda(), 32, SVDOptions(seed=5))
+    (a,) = randomized_svd(W.cuda()[None], 32, SVDSpec(seed=5))
+    (b,) = randomized_svd(W.cuda()[None], 32, SVDSpec(seed=5))
     assert a.U.is_cuda and torch.equal(a.U, b.U) and torch.equal(a.Vh, b.Vh)
     assert min(agreement(U[:, :32], a.U.cpu()), agreement(V[:, :32], a.Vh.cpu().T)) >= 0.99
     assert float(((a.sigma.cpu().double() - sigma[:32]).abs() / sigma[:32]).max()) <= 1e-3
@@ -275,10 +285,13 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1 + rank)  # different BLAS blocking per rank: only a broadcast makes them agree
-        W, *_ = known_spectrum(256, 320, SPECTRA["power_law"](256))
-        # each rank would draw a different sketch (seed = rank); the broadcast makes rank 0's win everywhere
-        f = broadcast_factors(lambda: randomized_svd(W, 8, SVDOptions(seed=rank)), (256, 320), 8, W.device)
-        tensors = {"U": f.U, "sigma": f.sigma, "Vh": f.Vh}
+        # five weights of two shapes, dealt out round-robin: each rank computes its share and broadcasts it
+        weights = [
+            known_spectrum(*shape, SPECTRA["power_law"](256), seed=i)[0] for i, shape in enumerate(SHAPES)
+        ]
+        tensors = {}
+        for i, f in enumerate(compute_factors(weights, 8, SVDSpec(oversample=8))):
+            tensors.update({f"U{i}": f.U, f"sigma{i}": f.sigma, f"Vh{i}": f.Vh})
         model = get_peft_model(tiny_llama(), osora.OSoRAConfig(r=4))
         for name, buf in model.named_buffers():
             if "osora_U" in name or "osora_Vh" in name or "osora_sigma" in name:
@@ -288,6 +301,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+SHAPES = [(256, 320), (320, 256), (256, 320), (256, 320), (320, 256)]
+
+
 @pytest.mark.integration
 def test_two_gloo_ranks_hold_bit_identical_factors(tmp_path: Path) -> None:
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -295,8 +311,11 @@ def test_two_gloo_ranks_hold_bit_identical_factors(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and len(a) > 3
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    alone = randomized_svd(known_spectrum(256, 320, SPECTRA["power_law"](256))[0], 8, SVDOptions(seed=0))
-    torch.testing.assert_close(a["U"], alone.U, atol=1e-5, rtol=0)  # rank 0's sketch, not rank 1's
+    for i, shape in enumerate(SHAPES):  # the split changes nothing: each matrix as if decomposed alone here
+        alone = top_r_svd(
+            known_spectrum(*shape, SPECTRA["power_law"](256), seed=i)[0], 8, SVDSpec(oversample=8)
+        )
+        torch.testing.assert_close(a[f"U{i}"], alone.U, atol=1e-5, rtol=0)
 
 
 # -- real pretrained weights ------------------------------------------------------------------------------------
@@ -322,7 +341,7 @@ def test_default_method_accuracy_on_minilm(r: int) -> None:
     for W, U, s, Vh in minilm_reference().values():
         with warnings.catch_warnings():
             warnings.simplefilter("error", SVDAccuracyWarning)
-            f = top_r_svd(W, r, osora.OSoRAConfig().init_method)
+            f = top_r_svd(W, r, osora.OSoRAConfig().svd_spec)
         sub = min(agreement(U[:, :r], f.U), agreement(Vh[:r].T, f.Vh.T))
         err = float(((f.sigma.double() - s[:r]).abs() / s[:r]).max())
         worst_sub, worst_sigma = min(worst_sub, sub), max(worst_sigma, err)

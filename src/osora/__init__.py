@@ -4,11 +4,18 @@ W' = W − U_r diag(σ_r) V_rᵀ + diag(O) U_r diag(S) V_rᵀ; only S (r) and O 
 :mod:`osora.functional` for the equation and :class:`osora.OSoRAConfig` for the options.
 """
 
+from . import registration
 from .checkpoint import AdapterFileError, save_adapter, weight_fingerprint
 from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
 from .layer import OSoRALayer
 from .model import OSoRAModel
-from .registration import register
+from .svd import SVDAccuracyWarning, SVDSpec
+
+
+def register() -> None:
+    """Register OSoRAConfig and OSoRAModel with peft (idempotent; ``import osora`` already did)."""
+    registration.register(OSoRAConfig, OSoRAModel)
+
 
 register()
 
@@ -19,6 +26,8 @@ __all__ = [
     "OSoRAConfig",
     "OSoRALayer",
     "OSoRAModel",
+    "SVDAccuracyWarning",
+    "SVDSpec",
     "register",
     "save_adapter",
     "weight_fingerprint",

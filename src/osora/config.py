@@ -12,7 +12,8 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .checkpoint import read_adapter_file
 from .functional import ODim, SParametrization
-from .svd import InitMethod
+from .registration import osora_peft_type
+from .svd import InitMethod, SVDSpec, SVDSpecError
 
 Trainable = Literal["both", "S", "O"]
 Bias = Literal["none", "all", "osora_only"]
@@ -32,6 +33,19 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": r".*encoder\.layer\.\d+\..*(query|key|value|dense)$",
     "roberta": r".*encoder\.layer\.\d+\..*(query|key|value|dense)$",
+}
+
+
+_SVD = SVDSpec()  # the defaults of the SVD fields below
+#: OSoRAConfig field -> SVDSpec field
+_SPEC_FIELDS = {
+    "init_method": "method",
+    "svd_oversample": "oversample",
+    "svd_power_iters": "power_iters",
+    "svd_max_power_iters": "max_power_iters",
+    "svd_seed": "seed",
+    "svd_sigma_tolerance": "sigma_tolerance",
+    "svd_subspace_tolerance": "subspace_tolerance",
 }
 
 
@@ -128,45 +142,47 @@ class OSoRAConfig(PeftConfig):
         },
     )
     init_method: InitMethod = field(
-        default="randomized",
+        default=_SVD.method,
         metadata={
-            "help": "How the top-r SVD is computed, in float32 on the weight's device. 'randomized': subspace "
-            "iteration on a seeded random sketch; tens of times faster than 'exact' on large weights (4096², "
-            "r=32: well under a second on 2 CPU cores against ~15 s), checks its own accuracy against the svd_*"
-            "_tolerance fields and warns with the estimated figures when it misses them. 'exact': the full SVD."
+            "help": "How the top-r SVD is computed, in float32 on the weight's device, for all targeted weights of "
+            "one shape at once. 'randomized': block Krylov iteration on a seeded random sketch, or the exact SVD for "
+            "the shapes where a cost model says that is cheaper; it checks its own accuracy against the svd_*"
+            "_tolerance fields, grows the Krylov basis of a matrix that misses them and warns with the estimated "
+            "figures when it still does. 'exact': the full SVD of every weight."
         },
     )
     svd_oversample: int | None = field(
-        default=None,
+        default=_SVD.oversample,
         metadata={
-            "help": "'randomized': extra sketch columns beyond r (None: max(32, r // 2)). More columns make each "
-            "iteration costlier but converge faster, since direction i converges like (σ_{r+p+1} / σ_i)^(2q+1)."
+            "help": "'randomized': columns per Krylov block beyond r (None: max(16, r // 2)). Wider blocks cost "
+            "more per step but capture more of a slowly decaying spectrum."
         },
     )
     svd_power_iters: int = field(
-        default=4,
+        default=_SVD.power_iters,
         metadata={
-            "help": "'randomized': power iterations always run (q). Each costs two products with the weight; "
-            "more iterations are added, up to svd_max_power_iters, while the accuracy estimate misses a tolerance."
+            "help": "'randomized': Krylov blocks always added after the first (q), each two products with the "
+            "weight; more are added, up to svd_max_power_iters, while a matrix's accuracy estimate misses a "
+            "tolerance."
         },
     )
     svd_max_power_iters: int = field(
-        default=16,
-        metadata={"help": "'randomized': most power iterations run before a missed tolerance warns."},
+        default=_SVD.max_power_iters,
+        metadata={"help": "'randomized': most Krylov blocks added before a missed tolerance warns."},
     )
     svd_seed: int = field(
-        default=0,
+        default=_SVD.seed,
         metadata={
             "help": "'randomized': seed of the random sketch (a generator on the weight's device). Same weight, "
             "seed and device: bit-identical factors, which compact adapters (save_factors=False) rely on."
         },
     )
     svd_sigma_tolerance: float = field(
-        default=1e-3,
+        default=_SVD.sigma_tolerance,
         metadata={"help": "'randomized': target estimated max relative error of the r singular values."},
     )
     svd_subspace_tolerance: float = field(
-        default=1e-2,
+        default=_SVD.subspace_tolerance,
         metadata={
             "help": "'randomized': target estimated 1 − mean squared cosine of the principal angles between the "
             "computed and the exact top-r singular subspaces (0.01: agreement ≥ 0.99)."
@@ -175,7 +191,7 @@ class OSoRAConfig(PeftConfig):
     factor_cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Directory caching the factors per (weight fingerprint, r, method and knobs, device type), so "
+            "help": "Directory caching the factors per (weight fingerprint, r, SVD method and knobs, device type), so "
             "initialising the same base again is near-instant. Stale or corrupt entries are recomputed."
         },
     )
@@ -189,8 +205,6 @@ class OSoRAConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        from .registration import osora_peft_type
-
         super().__post_init__()
         self.peft_type = osora_peft_type()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -201,7 +215,6 @@ class OSoRAConfig(PeftConfig):
         _check_choice("trainable", self.trainable, Trainable)
         _check_choice("o_dim", self.o_dim, ODim)
         _check_choice("s_parametrization", self.s_parametrization, SParametrization)
-        _check_choice("init_method", self.init_method, InitMethod)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)  # type: ignore[assignment]
         if isinstance(self.exclude_modules, list):
@@ -211,20 +224,16 @@ class OSoRAConfig(PeftConfig):
         # Tensors of the adapter file this config was loaded with (set by from_pretrained, never serialised):
         # the saved factors are reused instead of recomputing the SVD.
         self._checkpoint: dict[str, torch.Tensor] | None = None
-        for name in ("svd_power_iters", "svd_max_power_iters", "svd_seed", "svd_oversample"):
-            value = getattr(self, name)
-            if value is None and name == "svd_oversample":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"OSoRAConfig.{name} must be a non-negative integer, got {value!r}")
-        if self.svd_max_power_iters < self.svd_power_iters:
-            raise ValueError(
-                f"OSoRAConfig.svd_max_power_iters ({self.svd_max_power_iters}) must be ≥ svd_power_iters "
-                f"({self.svd_power_iters})"
-            )
-        for name in ("svd_sigma_tolerance", "svd_subspace_tolerance"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"OSoRAConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        _ = self.svd_spec  # building the spec validates the SVD fields
+
+    @property
+    def svd_spec(self) -> SVDSpec:
+        """The SVD method and knobs of the ``init_method`` and ``svd_*`` fields, as the layers hand them down."""
+        try:
+            return SVDSpec(**{spec: getattr(self, name) for name, spec in _SPEC_FIELDS.items()})
+        except SVDSpecError as err:
+            name = next(n for n, spec in _SPEC_FIELDS.items() if spec == err.field)
+            raise ValueError(f"OSoRAConfig.{name}{str(err).removeprefix(err.field)}") from None
 
     @classmethod
     def from_pretrained(

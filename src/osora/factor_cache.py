@@ -1,7 +1,9 @@
 """A directory of top-r factors, so that initialising the same base weights again is near-instant.
 
+Read and written by :func:`osora.factors.compute_factors`, the one path to the factors.
+
 One safetensors file per entry, named by a hash of its key: the fingerprint of the stored weight
-(:func:`osora.checkpoint.weight_fingerprint`), its shape, r, the method and its knobs, and the device type
+(:func:`osora.checkpoint.weight_fingerprint`), its shape, r, the SVD spec (method and knobs), and the device type
 (factors are bit-reproducible per device type, not across them). The key and a SHA-256 of the factors are
 stored in the file's metadata; an entry whose key or checksum does not match, or that cannot be read, is
 reported, recomputed and overwritten. Files are written atomically, so concurrent writers cannot leave a
@@ -15,37 +17,30 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import atomic_save_file
-from .svd import InitMethod, SVDAccuracy, SVDFactors, SVDOptions, top_r_svd
+from .svd import SVDAccuracy, SVDFactors, SVDSpec
 
-#: Bumped when the entry layout changes; older entries then count as stale.
-CACHE_FORMAT = "1"
+#: Bumped when the entry layout or the algorithm changes; older entries then count as stale.
+CACHE_FORMAT = "2"
 _TENSORS = ("U", "sigma", "Vh")
 
 
 def cache_key(
-    fingerprint: torch.Tensor,
-    shape: tuple[int, int],
-    r: int,
-    method: InitMethod,
-    options: SVDOptions,
-    device_type: str,
+    fingerprint: torch.Tensor, shape: tuple[int, int], r: int, spec: SVDSpec, device_type: str
 ) -> dict[str, str]:
     """Everything the factors depend on, as the string metadata stored with an entry."""
-    knobs = dataclasses.asdict(options) if method != "exact" else {}
+    knobs = dataclasses.asdict(spec) if spec.method != "exact" else {"method": "exact"}
     return {
         "format": CACHE_FORMAT,
         "fingerprint": bytes(fingerprint.cpu().tolist()).hex(),
         "shape": f"{shape[0]}x{shape[1]}",
         "r": str(r),
-        "method": method,
-        "options": json.dumps(knobs, sort_keys=True),
+        "spec": json.dumps(knobs, sort_keys=True),
         "device_type": device_type,
     }
 
@@ -63,7 +58,8 @@ class FactorCache:
 
     Example:
         >>> cache = FactorCache("~/.cache/osora")  # doctest: +SKIP
-        >>> factors = cache.get_or_compute(W, r=32, method="randomized", options=SVDOptions(), fingerprint=fp)
+        >>> key = cache_key(weight_fingerprint(W), tuple(W.shape), 32, SVDSpec(), "cpu")  # doctest: +SKIP
+        >>> cache.load(key) or cache.save(key, top_r_svd(W, 32))  # doctest: +SKIP
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -100,40 +96,7 @@ class FactorCache:
             meta["accuracy"] = json.dumps(dataclasses.asdict(factors.accuracy))
         atomic_save_file({name: getattr(factors, name) for name in _TENSORS}, self.path(key), metadata=meta)
 
-    def get_or_compute(
-        self,
-        W: torch.Tensor,
-        r: int,
-        method: InitMethod,
-        options: SVDOptions,
-        fingerprint: torch.Tensor,
-        svd: Callable[..., SVDFactors] | None = None,
-    ) -> SVDFactors:
-        """The cached factors of W if a valid entry exists; otherwise compute them (``svd``, default
-        :func:`osora.svd.top_r_svd`) and store them."""
-        key = cache_key(fingerprint, (W.shape[0], W.shape[1]), r, method, options, W.device.type)
-        factors = self.load(key, device=W.device)
-        if factors is None:
-            factors = (svd or top_r_svd)(W, r, method, options)
-            self.save(key, factors)
-        return factors
-
     @staticmethod
     def _reject(path: Path, why: str) -> None:
         warnings.warn(f"OSoRA factor cache entry {path} is {why}; recomputing it", stacklevel=3)
         return None
-
-
-def cached_top_r_svd(
-    W: torch.Tensor,
-    r: int,
-    method: InitMethod,
-    options: SVDOptions,
-    cache_dir: str | os.PathLike[str] | None,
-    fingerprint: torch.Tensor,
-    svd: Callable[..., SVDFactors] | None = None,
-) -> SVDFactors:
-    """``svd`` (default :func:`osora.svd.top_r_svd`) through the cache in ``cache_dir`` (none when None)."""
-    if cache_dir is None:
-        return (svd or top_r_svd)(W, r, method, options)
-    return FactorCache(cache_dir).get_or_compute(W, r, method, options, fingerprint, svd)

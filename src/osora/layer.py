@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import Any, cast
 
 import torch
@@ -16,9 +15,9 @@ from . import autograd as OA
 from . import functional as OF
 from .checkpoint import weight_fingerprint
 from .config import OSoRAConfig
-from .distributed import broadcast_factors, gathered_parameters
-from .factor_cache import cached_top_r_svd
-from .svd import InitMethod, SVDFactors, SVDOptions, top_r_svd
+from .distributed import gathered_parameters
+from .factors import compute_factors
+from .svd import SVDFactors, SVDSpec
 
 
 class FactorDict(BufferDict):
@@ -46,7 +45,6 @@ class OSoRALayer(BaseTunerLayer):
         "osora_sigma",
         "osora_fingerprint",
         "osora_dropout",
-        "r",
         "o_dim",
         "s_parametrization",
         "factor_key",
@@ -55,10 +53,11 @@ class OSoRALayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
-        self.r: dict[str, int] = {}
         self.o_dim: dict[str, OF.ODim] = {}
         self.s_parametrization: dict[str, OF.SParametrization] = {}
-        self.factor_key: dict[str, tuple[int, InitMethod, SVDOptions]] = {}
+        self.factor_key: dict[
+            str, tuple[int, SVDSpec]
+        ] = {}  # (r, spec) the adapter's factors were computed with
         self.osora_dropout = nn.ModuleDict({})
         self.osora_S = nn.ParameterDict({})
         self.osora_O = nn.ParameterDict({})
@@ -93,8 +92,9 @@ class OSoRALayer(BaseTunerLayer):
         module_name: str = "",
         saved: dict[str, torch.Tensor] | None = None,
         inference_mode: bool = False,
+        factors: tuple[SVDFactors, torch.Tensor] | None = None,
     ) -> None:
-        """Add adapter ``adapter_name``: compute (or reuse, or take from ``saved``) the factors and create S, O.
+        """Add adapter ``adapter_name``: take (or reuse, or compute) the factors and create S, O.
 
         Args:
             adapter_name: Name of the adapter.
@@ -102,6 +102,8 @@ class OSoRALayer(BaseTunerLayer):
             module_name: The module's path in the model, for messages.
             saved: Tensors from the adapter file being loaded (keys osora_U, osora_Vh, osora_sigma), if any.
             inference_mode: Freeze the new adapter.
+            factors: The factors of this weight and its fingerprint, computed with every other targeted weight by
+                :class:`osora.OSoRAModel` (one batched SVD per shape); computed here when None.
         """
         weight = self.dense_base_weight()
         where = f"module '{module_name}'" if module_name else f"a {type(self.get_base_layer()).__name__}"
@@ -113,17 +115,16 @@ class OSoRALayer(BaseTunerLayer):
             warnings.warn(
                 f"OSoRA: r={config.r} > min(d_in, d_out)={max_r} for {where}; using r={r}", stacklevel=2
             )
-        # factors depend on r, the method and its knobs: adapters that agree on all three share one copy
-        key = (r, config.init_method, SVDOptions.from_config(config))
-        factors, fingerprint = self._find_factors(key, saved, config.factor_cache_dir)
-        self.r[adapter_name] = r
+        # factors depend on r and the SVD spec only: adapters that agree on both share one copy
+        key = (r, config.svd_spec)
+        found, fingerprint = factors or self._find_factors(key, saved, config.factor_cache_dir)
         self.o_dim[adapter_name] = config.o_dim
         self.s_parametrization[adapter_name] = config.s_parametrization
         self.factor_key[adapter_name] = key
         self.osora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.osora_U.set(adapter_name, factors.U, persistent=config.save_factors)
-        self.osora_Vh.set(adapter_name, factors.Vh, persistent=config.save_factors)
-        self.osora_sigma.set(adapter_name, factors.sigma, persistent=config.save_factors)
+        self.osora_U.set(adapter_name, found.U, persistent=config.save_factors)
+        self.osora_Vh.set(adapter_name, found.Vh, persistent=config.save_factors)
+        self.osora_sigma.set(adapter_name, found.sigma, persistent=config.save_factors)
         self.osora_fingerprint.set(adapter_name, fingerprint, persistent=True)
         o_size = self.out_features if config.o_dim == "output" else self.in_features
         self.osora_S[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device))
@@ -137,38 +138,39 @@ class OSoRALayer(BaseTunerLayer):
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _find_factors(
-        self,
-        key: tuple[int, InitMethod, SVDOptions],
-        saved: dict[str, torch.Tensor] | None,
-        cache_dir: str | None = None,
-    ) -> tuple[SVDFactors, torch.Tensor]:
-        """Factors for ``key``: from the file being loaded, shared with an adapter of equal r, or a fresh SVD.
-
-        A fresh SVD uses the knobs in ``key`` and the factor cache in ``cache_dir``; under
-        torch.distributed rank 0 computes and broadcasts, so every rank holds identical factors. A ZeRO-3
-        partitioned weight is gathered for the fingerprint and the decomposition.
-        """
+    def shared_factors(
+        self, key: tuple[int, SVDSpec], saved: dict[str, torch.Tensor] | None = None
+    ) -> tuple[SVDFactors, torch.Tensor] | None:
+        """The factors (and fingerprint) of an adapter of this layer computed with ``key`` = (r, spec), if any
+        (and equal to ``saved``, when given): adapters of equal r and spec share one copy of the frozen factors."""
         names = ("osora_U", "osora_sigma", "osora_Vh")
         for other, other_key in self.factor_key.items():
-            if other_key == key:  # adapters of equal r on one weight share one copy of the frozen factors
+            if other_key == key:
                 factors = SVDFactors(self.osora_U[other], self.osora_sigma[other], self.osora_Vh[other])
                 shared = (factors.U, factors.sigma, factors.Vh)
                 if saved is None or all(torch.equal(saved[n].to(t), t) for n, t in zip(names, shared)):
                     return factors, self.osora_fingerprint[other]
+        return None
+
+    def _find_factors(
+        self, key: tuple[int, SVDSpec], saved: dict[str, torch.Tensor] | None, cache_dir: str | None = None
+    ) -> tuple[SVDFactors, torch.Tensor]:
+        """Factors for ``key``: shared with an adapter of equal r and spec, from the file being loaded, or fresh.
+
+        Fresh factors come from :func:`osora.factors.compute_factors` (factor cache in ``cache_dir``; under
+        torch.distributed one rank computes and broadcasts, so every rank holds identical factors). A ZeRO-3
+        partitioned weight is gathered for the fingerprint and the decomposition.
+        """
+        shared = self.shared_factors(key, saved)
+        if shared is not None:
+            return shared
         base_weight = self.stored_weight()
         with gathered_parameters(base_weight):
             fingerprint = weight_fingerprint(base_weight).to(base_weight.device)
             if saved is not None:
                 return SVDFactors(saved["osora_U"], saved["osora_sigma"], saved["osora_Vh"]), fingerprint
-            dense = self.dense_base_weight()  # (d_out, d_in), in full even under ZeRO-3
-            r, method, options = key
-            factors = broadcast_factors(
-                partial(cached_top_r_svd, dense, r, method, options, cache_dir, fingerprint, top_r_svd),
-                (dense.shape[0], dense.shape[1]),
-                r,
-                dense.device,
-            )
+            r, spec = key
+            (factors,) = compute_factors([self.dense_base_weight()], r, spec, cache_dir, [fingerprint])
         return factors, fingerprint
 
     def reset_osora_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
@@ -262,13 +264,14 @@ class Linear(nn.Module, OSoRALayer):
         config: OSoRAConfig,
         module_name: str = "",
         saved: dict[str, torch.Tensor] | None = None,
+        factors: tuple[SVDFactors, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         OSoRALayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name=module_name, saved=saved)
+        self.update_layer(adapter_name, config, module_name=module_name, saved=saved, factors=factors)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names: list[str] | None = kwargs.pop("adapter_names", None)

@@ -10,18 +10,21 @@ from typing import Any, cast
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import AdapterFileError
+from .checkpoint import AdapterFileError, weight_fingerprint
 from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
+from .distributed import is_partitioned
+from .factors import compute_factors
 from .layer import Linear, OSoRALayer
+from .svd import SVDFactors
 
 _FACTOR_NAMES = ("osora_U", "osora_Vh", "osora_sigma")
-#: Show a progress bar while factors are computed for at least this many matrices.
+#: Show a progress bar (one step per shape) while factors are computed for at least this many matrices.
 PROGRESS_MIN_MATRICES = 16
 
 
@@ -49,21 +52,93 @@ class OSoRAModel(BaseTuner):
     # peft types this dict[str, list[str]]; a regex string is accepted by its matching as well
     target_module_mapping = DEFAULT_TARGET_MODULES  # type: ignore[assignment]
 
-    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        self._progress: tqdm | None = None
-        total = sum(isinstance(m, (nn.Linear, Conv1D)) for m in model.modules())
-        if total >= PROGRESS_MIN_MATRICES:
-            self._progress = tqdm(
-                total=None, desc=f"OSoRA factors ({adapter_name})", unit="matrix", leave=False
-            )
+    def inject_adapter(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """peft's injection, with the factors of every targeted weight computed first, batched by shape.
 
-    def _post_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
+        peft creates the layers one by one (``_create_and_replace``); decomposing each weight there would be one
+        small SVD at a time. So the weights that need fresh factors are found first with peft's own matching,
+        decomposed together (:func:`osora.factors.compute_factors`, one call per shape, split across ranks under
+        torch.distributed), and handed to the layers as they are created. A layer not covered here computes its
+        own, with the same result. Called for ``get_peft_model``, ``add_adapter`` and ``load_adapter`` alike.
+        """
+        self._prefetched = self._batched_factors(model, adapter_name, state_dict)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._prefetched = {}
         cast(
-            OSoRAConfig, config
-        )._checkpoint = None  # the saved factors are in the layers now; drop the file's copy
+            OSoRAConfig, self.peft_config[adapter_name]
+        )._checkpoint = None  # the saved factors are in the layers
+
+    def _batched_factors(
+        self, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None
+    ) -> dict[str, tuple[SVDFactors, torch.Tensor]]:
+        """Factors and fingerprint of every weight this injection will adapt that needs fresh ones, by module key.
+
+        Left out (the layer deals with them): weights shared with an existing adapter of equal r and spec,
+        factors in the adapter file being loaded, ZeRO-3 partitioned, quantized or unsupported modules.
+        """
+        config = cast(OSoRAConfig, self.peft_config[adapter_name])
+        config = cast(OSoRAConfig, self._prepare_adapter_config(config, self.get_model_config(model)))
+        config = cast(OSoRAConfig, _maybe_include_all_linear_layers(config, model))
+        from_file = None
+        if state_dict is not None:
+            from_file = {k.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+        groups: dict[tuple[int, tuple[int, int]], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        inner: list[str] = []  # modules inside existing OSoRA layers: peft's injection skips them too
+        for key, module in model.named_modules():
+            key = key.removeprefix("_orig_mod.")
+            if not key or any(key.startswith(prefix) for prefix in inner):
+                continue
+            if isinstance(module, OSoRALayer):
+                inner.append(key + ".")
+            matched = (
+                key in from_file if from_file is not None else self._check_target_module_exists(config, key)
+            )
+            if not matched or self._saved_factors(config, key) is not None:
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, (nn.Linear, Conv1D)) or getattr(module, "merged", False):
+                continue
+            stored = base.weight
+            if not stored.is_floating_point() or is_partitioned(stored) or stored.device.type == "meta":
+                continue
+            shape = (stored.shape[1], stored.shape[0]) if isinstance(base, Conv1D) else tuple(stored.shape)
+            r = min(config.r, *shape)
+            if isinstance(module, OSoRALayer) and module.shared_factors((r, config.svd_spec)) is not None:
+                continue
+            dense = stored.T if isinstance(base, Conv1D) else stored  # (d_out, d_in)
+            groups.setdefault((r, (shape[0], shape[1])), []).append((key, dense.detach(), stored.detach()))
+        found: dict[str, tuple[SVDFactors, torch.Tensor]] = {}
+        total = sum(len(g) for g in groups.values())
+        progress = tqdm(
+            total=total,
+            desc=f"OSoRA factors ({adapter_name})",
+            unit="matrix",
+            leave=False,
+            disable=total < PROGRESS_MIN_MATRICES,
+        )
+        with progress:
+            for (r, _), members in groups.items():
+                keys, dense, stored = zip(*members)
+                fingerprints = [weight_fingerprint(w).to(w.device) for w in stored]
+                factors = compute_factors(dense, r, config.svd_spec, config.factor_cache_dir, fingerprints)
+                found.update(zip(keys, zip(factors, fingerprints)))
+                progress.update(len(members))
+        return found
 
     def _create_and_replace(  # type: ignore[override]
         self,
@@ -76,21 +151,23 @@ class OSoRAModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         saved = self._saved_factors(peft_config, current_key)
+        factors = getattr(self, "_prefetched", {}).get(current_key)
         if isinstance(target, OSoRALayer):
             if target.merged:
                 raise ValueError(
                     f"cannot add adapter '{adapter_name}' to '{current_key}' while adapters are merged into it; "
                     "unmerge first (its SVD must be of the original weight)"
                 )
-            target.update_layer(adapter_name, peft_config, module_name=current_key, saved=saved)
+            target.update_layer(
+                adapter_name, peft_config, module_name=current_key, saved=saved, factors=factors
+            )
         else:
-            new_module = self._create_new_module(peft_config, adapter_name, target, current_key, saved)
+            new_module = self._create_new_module(
+                peft_config, adapter_name, target, current_key, saved, factors
+            )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)  # an added adapter is not automatically trainable
             self._replace_module(parent, target_name, new_module, target)
-        progress = getattr(self, "_progress", None)
-        if progress is not None:
-            progress.update(1)
 
     @staticmethod
     def _saved_factors(config: OSoRAConfig, key: str) -> dict[str, torch.Tensor] | None:
@@ -109,6 +186,7 @@ class OSoRAModel(BaseTuner):
         target: nn.Module,
         current_key: str = "",
         saved: dict[str, torch.Tensor] | None = None,
+        factors: tuple[SVDFactors, torch.Tensor] | None = None,
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, Conv1D):
@@ -125,7 +203,7 @@ class OSoRAModel(BaseTuner):
                 f"OSoRA cannot adapt module '{current_key}' of type {type(base).__name__}: only torch.nn.Linear and "
                 "transformers' Conv1D are supported. Change target_modules so that it does not match it."
             )
-        return Linear(target, adapter_name, config, module_name=current_key, saved=saved)
+        return Linear(target, adapter_name, config, module_name=current_key, saved=saved, factors=factors)
 
     # -- mixed batches ------------------------------------------------------------------------------------------
 

@@ -1,14 +1,20 @@
-"""Make OSoRA a PEFT method: the only module that touches peft's registry internals.
+"""Make OSoRA a PEFT method: the only module that touches peft's registry internals. Imports nothing of osora.
 
 peft's ``PeftType`` is a closed ``str`` Enum and ``register_peft_method`` refuses names that are not members, so
-an out-of-tree method has to add its member first. Both steps are idempotent. ``tests/test_registration.py``
-checks the internals relied on here, so a peft release that changes them fails loudly instead of silently.
+an out-of-tree method has to add its member first (:func:`osora_peft_type`, which the config needs), then
+register its config and tuner classes (:func:`register`, called by ``osora/__init__.py``). Both steps are
+idempotent. ``tests/test_registration.py`` checks the internals relied on here, so a peft release that changes
+them fails loudly instead of silently.
 """
 
 from __future__ import annotations
 
 import enum
 
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import register_peft_method
 from peft.utils.peft_types import PeftType
 
 PEFT_NAME = "osora"
@@ -34,15 +40,9 @@ def osora_peft_type() -> PeftType:
     return member
 
 
-def register() -> None:
-    """Register OSoRAConfig and OSoRAModel with peft (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import OSoRAConfig
-    from .model import OSoRAModel
-
+def register(config_cls: type[PeftConfig], model_cls: type[BaseTuner]) -> None:
+    """Register ``config_cls`` and ``model_cls`` as peft's OSORA method (idempotent)."""
     peft_type = osora_peft_type()
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is OSoRAModel:
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
         return
-    register_peft_method(name=PEFT_NAME, config_cls=OSoRAConfig, model_cls=OSoRAModel, prefix=PREFIX)
+    register_peft_method(name=PEFT_NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)

@@ -1,0 +1,101 @@
+"""The one path to the frozen factors: cache, batched SVD per shape, and the split across torch.distributed ranks.
+
+:func:`compute_factors` takes the weights to decompose, the rank r and an :class:`osora.svd.SVDSpec`. Each
+weight's factors come from the factor cache when it holds them; the rest are stacked by shape (in batches of at
+most ``MAX_BATCH_BYTES``) and decomposed by :func:`osora.svd.batched_top_r_svd`, one batched computation per
+stack. Under torch.distributed the weights of each shape are dealt out round-robin: every rank decomposes its
+share and broadcasts it (:mod:`osora.distributed`), so every rank ends with bit-identical factors.
+
+:class:`osora.OSoRAModel` calls it once per injected adapter with every targeted weight; a layer that was not
+covered (an adapter added to one layer, a ZeRO-3 partitioned weight) calls it with its own weight alone. Both give
+the same factors (a matrix's result does not depend on the batch it is in).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from .checkpoint import weight_fingerprint
+from .distributed import broadcast_factors, rank_and_world
+from .factor_cache import FactorCache, cache_key
+from .svd import SVDFactors, SVDSpec, batched_top_r_svd
+
+#: Largest stack of float32 weights decomposed at once (bytes): bounds the extra memory of batching.
+MAX_BATCH_BYTES = 256 * 2**20
+
+
+def compute_factors(
+    weights: Sequence[torch.Tensor],
+    r: int,
+    spec: SVDSpec,
+    cache_dir: str | os.PathLike[str] | None = None,
+    fingerprints: Sequence[torch.Tensor] | None = None,
+) -> list[SVDFactors]:
+    """Top-r float32 factors of each (d_out, d_in) weight, on the weight's device, in the order given.
+
+    Under torch.distributed every rank must call this with the same weights (a collective).
+
+    Args:
+        weights: The dense weights, any floating dtype, any mix of shapes and devices.
+        r: Number of triplets, 1 ≤ r ≤ min(d_out, d_in) for every weight.
+        spec: How the SVD is computed.
+        cache_dir: Factor cache directory (:mod:`osora.factor_cache`); None: no cache.
+        fingerprints: :func:`osora.checkpoint.weight_fingerprint` of each weight as stored, for the cache keys;
+            computed from ``weights`` when None.
+    """
+    cache = None if cache_dir is None else FactorCache(cache_dir)
+    rank, world = rank_and_world()
+    groups: dict[tuple[tuple[int, int], torch.device], list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        groups[((w.shape[0], w.shape[1]), w.device)].append(i)
+    out: list[SVDFactors | None] = [None] * len(weights)
+    for (shape, device), members in groups.items():
+        mine = members[rank::world]  # round-robin: the ranks' shares of one shape cost about the same
+        got = _cached_or_computed(
+            [weights[i] for i in mine], r, spec, cache, shape, device, fingerprints, mine
+        )
+        if world == 1:
+            for i, f in zip(mine, got):
+                out[i] = f
+            continue
+        for src in range(world):
+            share = members[src::world]
+            if share:
+                received = broadcast_factors(got if src == rank else None, len(share), shape, r, device, src)
+                for i, f in zip(share, received):
+                    out[i] = f
+    return [f for f in out if f is not None]
+
+
+def _cached_or_computed(
+    weights: list[torch.Tensor],
+    r: int,
+    spec: SVDSpec,
+    cache: FactorCache | None,
+    shape: tuple[int, int],
+    device: torch.device,
+    fingerprints: Sequence[torch.Tensor] | None,
+    indices: list[int],
+) -> list[SVDFactors]:
+    """The factors of equal-shape ``weights`` (positions ``indices`` in the caller's list): cached, else batched."""
+    keys: list[dict[str, str] | None] = [None] * len(weights)
+    out: list[SVDFactors | None] = [None] * len(weights)
+    if cache is not None:
+        for j, (i, w) in enumerate(zip(indices, weights)):
+            fingerprint = weight_fingerprint(w) if fingerprints is None else fingerprints[i]
+            keys[j] = cache_key(fingerprint, shape, r, spec, device.type)
+            out[j] = cache.load(keys[j], device=device)  # type: ignore[arg-type]
+    todo = [j for j, f in enumerate(out) if f is None]
+    per_batch = max(1, MAX_BATCH_BYTES // (4 * shape[0] * shape[1]))
+    for start in range(0, len(todo), per_batch):
+        chunk = todo[start : start + per_batch]
+        stack = torch.stack([weights[j].detach().float() for j in chunk])  # (batch, d_out, d_in)
+        for j, f in zip(chunk, batched_top_r_svd(stack, r, spec)):
+            out[j] = f
+            if cache is not None:
+                cache.save(keys[j], f)  # type: ignore[arg-type]
+    return [f for f in out if f is not None]

@@ -11,7 +11,7 @@ method's own estimates). The exact SVD does not depend on r, so it is timed once
 Writes benchmarks/results/svd_init.json (self-describing), svd_init.png and benchmarks/README_svd_init.md.
 
     flock /tmp/osora-cpu.lock python benchmarks/svd_init.py             # full run, ~10 min on 2 CPU cores
-    python benchmarks/svd_init.py --quick                               # 1024² and 2048² only, 1 rep
+    python benchmarks/svd_init.py --quick                               # 1024² and 2048², 1 rep, to $TMPDIR
     python benchmarks/svd_init.py --report-only                         # table and plot from the JSON
 """
 
@@ -28,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -350,10 +351,24 @@ def main(argv: list[str] | None = None) -> None:
         "--shapes", nargs="+", default=None, help="override the shapes, e.g. 1024x1024 11008x4096"
     )
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM weights")
-    parser.add_argument("--out", type=Path, default=RESULTS / "svd_init.json")
-    parser.add_argument("--readme", type=Path, default=HERE / "README_svd_init.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result JSON (default: the committed results/svd_init.json; with --quick a temporary folder)",
+    )
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="table (default: README_svd_init.md, or beside --out)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite table and plot from --out")
     args = parser.parse_args(argv)
+    # a smoke run never overwrites the committed results (CI checks that the README matches them)
+    if args.out is None:
+        quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+        args.out = quick_dir / "svd_init.json" if args.quick else RESULTS / "svd_init.json"
+    if args.readme is None:
+        committed = args.out.resolve() == (RESULTS / "svd_init.json").resolve()
+        args.readme = HERE / "README_svd_init.md" if committed else args.out.with_name("README_svd_init.md")
 
     weights = {} if args.no_minilm else minilm_weights()
     spectra = {f"{k} (MiniLM)": torch.linalg.svdvals(W.double()).tolist() for k, W in weights.items()}
@@ -415,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(result)
     args.readme.write_text(table)
     print(table)
+    print(f"wrote {args.out}, {args.out.with_suffix('.png')} and {args.readme}", flush=True)
     cpu = result["devices"]["cpu"]
     head = cpu["synthetic"].get("4096x4096", {}).get("by_r", {}).get("32")
     if head:

@@ -82,7 +82,9 @@ def test_export_residual_cli(trained: Path, reference, tmp_path: Path) -> None:
 
 
 def test_merge_refuses_a_plain_model(trained: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="not an adapter"):
+    from osora.checkpoint import AdapterFileError
+
+    with pytest.raises(AdapterFileError, match="not an adapter folder"):
         exports.main(["merge", str(trained / "base_model"), str(tmp_path / "x")])
 
 

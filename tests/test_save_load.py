@@ -63,7 +63,12 @@ def test_fresh_process_round_trip_and_plain_peft_exports(tmp_path: Path) -> None
     compact_keys = load_file(tmp_path / "compact" / "adapter_model.safetensors").keys()
     assert any("osora_U" in k for k in full_keys)
     assert not any(n in k for k in compact_keys for n in ("osora_U", "osora_Vh", "osora_sigma"))
-    assert {k.split(".")[-1] for k in compact_keys} == {"osora_S", "osora_O", "osora_fingerprint"}
+    assert {k.split(".")[-1] for k in compact_keys} == {
+        "osora_S",
+        "osora_O",
+        "osora_fingerprint",
+        "osora_checksum",
+    }
 
     got = run_fresh(
         f"""

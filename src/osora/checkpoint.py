@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FINGERPRINT_BYTES = 32
+#: Key of the SHA-256 of an adapter file's other ``osora_*`` tensors, written at save and verified on load.
+CHECKSUM_KEY = "osora_checksum"
 
 
 class AdapterFileError(ValueError):
@@ -33,6 +36,20 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
 
 
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 of the ``osora_*`` tensors of an adapter state dict (names, dtypes, shapes, bytes; in name order).
+
+    It is stored in the file under :data:`CHECKSUM_KEY`, so flipped or overwritten bytes that keep the safetensors
+    header valid are caught on load instead of loading silently.
+    """
+    h = hashlib.sha256()
+    for key in sorted(k for k in tensors if "osora_" in k and k != CHECKSUM_KEY):
+        data = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{tuple(data.shape)}|{data.dtype}|".encode())
+        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
 def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a safetensors adapter file whole, or raise :class:`AdapterFileError` naming the file and the fault."""
     path = Path(path)
@@ -44,21 +61,58 @@ def read_adapter_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise AdapterFileError(
             f"adapter file {path} ({path.stat().st_size} bytes) is truncated or corrupt: {err}"
         ) from err
+    saved = tensors.get(CHECKSUM_KEY)
+    if saved is not None and not torch.equal(saved, tensors_checksum(tensors)):
+        raise AdapterFileError(
+            f"adapter file {path} is corrupt: its tensors do not match the checksum written when it was saved "
+            "(the bytes changed after saving); restore the file from a copy or use an earlier checkpoint"
+        )
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(f"adapter file {path} is corrupt: tensor {key} holds non-finite values")
     return tensors
 
 
+def _tmp_prefix(path: Path) -> str:
+    """Prefix of the temporary siblings of ``path``; it carries the writer's pid so that a stale one is told apart."""
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary siblings of ``path`` whose writer is gone (a killed save or export left them behind)."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.removeprefix(f".{path.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _alive(int(pid))):
+            continue  # a write in progress
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Write a directory's files into a temporary sibling, then move each into place with ``os.replace``.
 
-    A crash mid-write leaves the previous files untouched; every file that lands is complete.
+    A crash mid-write leaves the previous files untouched; every file that lands is complete. Temporary folders
+    that killed writes left beside ``path`` are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     try:
         yield tmp
         path.mkdir(exist_ok=True)
@@ -77,7 +131,8 @@ def atomic_save_file(
     """``safetensors.torch.save_file`` through a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import AdapterFileError, weight_fingerprint
+from .checkpoint import CHECKSUM_KEY, AdapterFileError, tensors_checksum, weight_fingerprint
 from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
 from .distributed import is_partitioned
 from .factors import compute_factors
@@ -60,16 +60,21 @@ class OSoRAModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """peft's injection, with the factors of every targeted weight computed first, batched by shape.
+        """peft's injection, checked first, with every factor computed up front, and undone if it fails.
 
-        peft creates the layers one by one (``_create_and_replace``); decomposing each weight there would be one
-        small SVD at a time. So the weights that need fresh factors are found first with peft's own matching,
-        decomposed together (:func:`osora.factors.compute_factors`, one call per shape, split across ranks under
-        torch.distributed), and handed to the layers as they are created. A layer not covered here computes its
-        own, with the same result. Called for ``get_peft_model``, ``add_adapter`` and ``load_adapter`` alike.
+        A compact adapter file is checked against the base's fingerprints before any SVD runs. peft creates the
+        layers one by one (``_create_and_replace``); decomposing each weight there would be one small SVD at a
+        time. So the weights that need fresh factors are found first with peft's own matching, decomposed together
+        (:func:`osora.factors.compute_factors`, one call per shape, split across ranks under torch.distributed),
+        and handed to the layers as they are created. A layer not covered here computes its own, with the same
+        result. If anything fails, the user's model is restored: it is never left half-adapted. Called for
+        ``get_peft_model``, ``add_adapter`` and ``load_adapter`` alike.
         """
-        self._prefetched = self._batched_factors(model, adapter_name, state_dict)
+        config = cast(OSoRAConfig, self.peft_config[adapter_name])
+        from_file = getattr(config, "_checkpoint", None) is not None
+        _check_fingerprints_before_svd(model, config, adapter_name)
         try:
+            self._prefetched = self._batched_factors(model, adapter_name, state_dict)
             super().inject_adapter(
                 model,
                 adapter_name,
@@ -77,11 +82,23 @@ class OSoRAModel(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
+        except Exception as error:
+            _restore_modules(model, adapter_name)
+            if (
+                from_file
+                and isinstance(error, (RuntimeError, ValueError))
+                and not isinstance(error, AdapterFileError)
+            ):
+                raise AdapterFileError(
+                    f"OSoRA adapter '{adapter_name}' does not fit this model ({error}); load it onto the base model "
+                    "and with the config it was saved with"
+                ) from error
+            raise
         finally:
             self._prefetched = {}
-        cast(
-            OSoRAConfig, self.peft_config[adapter_name]
-        )._checkpoint = None  # the saved factors are in the layers
+        # injected to load a file: undone if the file is then refused (_remap_adapter_state_dict_for_load)
+        config._injected_from_file = from_file  # type: ignore[attr-defined]
+        config._checkpoint = None  # the saved factors are in the layers now; drop the file's copy
 
     def _batched_factors(
         self, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None
@@ -236,7 +253,32 @@ class OSoRAModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
-    # -- loading ------------------------------------------------------------------------------------------------
+    # -- saving and loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors plus their checksum; a diverged (non-finite) S or O is refused, not saved."""
+        selected = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
+        for key, tensor in selected.items():
+            if (".osora_S." in key or ".osora_O." in key) and not torch.isfinite(tensor).all():
+                module = key.rsplit(".osora_", 1)[0].removeprefix("base_model.model.")
+                raise AdapterFileError(
+                    f"refusing to save OSoRA adapter '{adapter_name}': {key.rsplit('.', 2)[-2]} of '{module}' holds "
+                    "non-finite values (training diverged); lower the learning rate or resume from an earlier "
+                    "checkpoint"
+                )
+        as_saved = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in selected.items()}
+        selected[CHECKSUM_KEY] = tensors_checksum(as_saved)
+        return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -248,6 +290,30 @@ class OSoRAModel(BaseTuner):
         carry their factors still load (ΔW is exact), with a warning.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped.pop(
+            CHECKSUM_KEY, None
+        )  # verified when the file was read (osora.checkpoint.read_adapter_file)
+        injected_by_this_load = getattr(config, "_injected_from_file", False)
+        config._injected_from_file = False  # type: ignore[attr-defined]
+        try:
+            return cls._check_loaded_state(model, config, adapter_name, remapped)
+        except AdapterFileError:
+            if injected_by_this_load:  # a refused load leaves the user's model as it was
+                _remove_failed_adapter(model, adapter_name)
+            raise
+
+    @classmethod
+    def _check_loaded_state(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, remapped: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        own = model.state_dict()
+        for key, tensor in remapped.items():
+            current = own.get(key)
+            if current is not None and current.shape != tensor.shape:
+                raise AdapterFileError(
+                    f"OSoRA adapter '{adapter_name}' does not fit this model: {key} has shape "
+                    f"{tuple(tensor.shape)} in the file but {tuple(current.shape)} here (different model or r)"
+                )
         save_factors = cast(OSoRAConfig, config).save_factors
         layers = {name: m for name, m in model.named_modules() if isinstance(m, OSoRALayer)}
         fp_suffix = f".osora_fingerprint.{adapter_name}"
@@ -277,3 +343,65 @@ class OSoRAModel(BaseTuner):
                 "matrices; the file is incomplete or was saved from a different model"
             )
         return remapped
+
+
+def _check_fingerprints_before_svd(model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:
+    """Refuse a compact adapter loaded onto a base other than its own before any SVD runs.
+
+    Compact files recompute their factors from the base weights, so a different base would cost a full SVD (minutes
+    on a large model) only to be refused afterwards; the fingerprints are compared first. Nothing is modified.
+    """
+    checkpoint = getattr(config, "_checkpoint", None)
+    if not checkpoint or config.save_factors:
+        return
+    modules = dict(model.named_modules())
+    suffix = ".osora_fingerprint"
+    for key, saved in checkpoint.items():
+        if not key.endswith(suffix):
+            continue
+        name = key.removesuffix(suffix).removeprefix("base_model.model.")
+        module = modules.get(name)
+        if module is None:
+            continue  # a missing matrix is counted once the adapter is loaded
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        weight = getattr(base, "weight", None)
+        if (
+            not isinstance(weight, torch.Tensor) or weight.numel() == 0
+        ):  # e.g. ZeRO-3 partitioned: checked later
+            continue
+        if not torch.equal(weight_fingerprint(weight), saved.cpu()):
+            raise AdapterFileError(
+                f"refusing to load a compact OSoRA adapter: the base weight of '{name}' differs from the one adapter "
+                f"'{adapter_name}' was trained on (fingerprint mismatch: different model, revision, dtype or "
+                "modified weights); load it onto its own base model"
+            )
+
+
+def _restore_modules(model: nn.Module, adapter_name: str) -> None:
+    """Take ``adapter_name`` out of every OSoRA layer of ``model``; a layer left with no adapter becomes its base."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, OSoRALayer):
+            continue
+        adapters = set(module.factor_key) | set(module.osora_S)
+        if adapter_name not in adapters:
+            continue
+        if adapters == {adapter_name}:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+        else:
+            module.delete_adapter(adapter_name)
+
+
+def _remove_failed_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo the injection of ``adapter_name`` after a refused load: the base model gets its own modules back."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, OSoRAModel) or adapter_name not in tuner.peft_config:
+        return
+    if len(tuner.peft_config) > 1:
+        if hasattr(model, "delete_adapter"):
+            model.delete_adapter(adapter_name)  # type: ignore[operator]
+        return
+    base = tuner.unload()  # puts every original module back in place
+    if getattr(base, "peft_config", None) is tuner.peft_config:
+        del base.peft_config

@@ -1,4 +1,8 @@
-"""``osora`` command line: ``osora <command> [args]``; each command lives in its own module."""
+"""``osora`` command line: ``osora <command> [args]``; each command lives in its own module.
+
+A user's mistake (see :func:`user_errors`) is printed here, in one place, as ``osora COMMAND: problem; fix``
+with exit code 2 and no traceback; ``--debug`` anywhere on the command line shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the user's input is wrong" (their message names the problem and the fix)."""
+    from osora.checkpoint import AdapterFileError
+
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelLoadError, ModelNotFoundError
+
+    return (ConfigError, DataError, ModelNotFoundError, ModelLoadError, AdapterFileError, FileNotFoundError)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError) and error.filename is not None and error.strerror:
+        return f"no such file or directory: {error.filename}"
+    return str(error)
+
+
 def _usage() -> str:
     lines = ["usage: osora <command> [args]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -39,6 +60,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0
@@ -47,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"osora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    if command in {"merge", "export"}:
-        return int(module.main([command, *rest]) or 0)
-    return int(module.main(rest) or 0)
+    args = [command, *rest] if command in {"merge", "export"} else rest
+    try:
+        return int(module.main(args) or 0)
+    except user_errors() as error:
+        if debug:
+            raise
+        print(f"osora {command}: {_message(error)}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

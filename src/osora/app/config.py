@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,7 +142,14 @@ class TrainingConfig:
     save_steps: int = _help(500, "Save a checkpoint every N steps.")
     save_total_limit: int | None = _help(2, "Keep at most this many checkpoints.")
     resume_from_checkpoint: str | bool | None = _help(
-        None, "A checkpoint directory, or true for the latest one in output_dir."
+        None,
+        "A checkpoint directory, or true for the newest complete one in output_dir (none there: start from "
+        "scratch, so a first run and a restart use the same command).",
+    )
+    overwrite_output_dir: bool = _help(
+        False,
+        "Replace the earlier run in a non-empty output_dir (its checkpoints, adapter, base_model/, osora_run.json "
+        "and eval-*.json are removed first); false: such a folder is refused unless resuming.",
     )
     report_to: list[str] = _help(
         None, "Loggers, e.g. [tensorboard]; [] for none.", factory=lambda: ["tensorboard"]
@@ -276,15 +282,50 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """A :class:`RunConfig` from a YAML file (or the defaults) and ``section.key=value`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = _read_yaml(Path(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
-    return _fill(RunConfig, tree, "")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({_yaml_problem(error)})"
+            ) from error
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return _fill(RunConfig, tree, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return str(problem)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, or a :class:`ConfigError` naming the file (and line) at fault."""
+    if not path.is_file():
+        what = "is a directory, not a YAML file" if path.is_dir() else "no such file"
+        raise ConfigError(
+            f"config file {path}: {what}; pass the path of a YAML config such as configs/tiny/gsm8k-osora.yaml"
+        )
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(error)}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file ({error.reason})") from error
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model, data, method, training, eval)"
+        )
+    return tree
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -313,15 +354,11 @@ def _type_name(tp: Any) -> str:
 def config_from_argv(command: str, usage: str, argv: list[str]) -> RunConfig | int:
     """The RunConfig of ``osora COMMAND [CONFIG.yaml] [section.key=value ...]``, or the exit code to return.
 
-    ``-h``/``--help`` prints the usage and every field's help (exit 0); no arguments print it too (exit 2); a
-    config error is printed without a traceback (exit 2).
+    ``-h``/``--help`` prints the usage and every field's help (exit 0); no arguments print it too (exit 2). A
+    config error raises :class:`ConfigError`, which the ``osora`` command prints without a traceback (exit 2).
     """
     if not argv or argv[0] in {"-h", "--help"}:
         print(f"usage: osora {command} {usage}\n\n" + help_text())
         return 0 if argv else 2
     config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
-    try:
-        return load_config(config_path, overrides)
-    except ConfigError as error:
-        print(f"osora {command}: {error}", file=sys.stderr)
-        return 2
+    return load_config(config_path, overrides)  # a ConfigError is printed by osora.app.cli (exit 2)

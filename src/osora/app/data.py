@@ -14,6 +14,7 @@ in a :class:`DataReport` that the trainer logs; none is dropped silently.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,12 +57,90 @@ def detect_format(record: Mapping[str, Any]) -> str:
     raise ValueError(f"cannot detect the data format from the keys {sorted(record)}; set data.format")
 
 
+class DataError(ValueError):
+    """A data file that is missing, malformed (the message names the file and line) or holds no records."""
+
+
+_JSON_TYPES = {
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def find_malformed_line(path: Path) -> str:
+    """Why ``path`` (JSON Lines, or one JSON list) cannot be read as records: "FILE:LINE: problem", or "" if it can.
+
+    Called after ``datasets`` failed, so that the user sees the file and line rather than pyarrow's message: a line
+    that is not JSON, not an object, or whose field changes type from the earlier lines (pyarrow needs one type).
+    """
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        return f"{path}: the file is empty; point data.path/eval.path at a file with records"
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON document holding a list of records
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file"
+        if not isinstance(records, list):
+            return f"{path}: a JSON file must hold a list of records, got {type(records).__name__}"
+        lines: list[tuple[str, Any]] = [(f"{path} (record {i})", r) for i, r in enumerate(records, start=1)]
+    else:
+        lines = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                return f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); fix or remove that line"
+    types: dict[str, tuple[str, str]] = {}
+    for where, record in lines:
+        if not isinstance(record, dict):
+            return f"{where}: a record must be a JSON object, got {type(record).__name__}; fix or remove it"
+        for key, value in record.items():
+            if value is None:
+                continue
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            seen = types.setdefault(key, (kind, where))
+            if seen[0] != kind:
+                return f"{where}: field {key!r} is {kind}, but {seen[0]} at {seen[1]}; make them agree"
+    return ""
+
+
 def load_split(path: str, name: str | None = None, split: str = "train", max_samples: int | None = None):
-    """A ``datasets.Dataset`` from a local .json/.jsonl file or a hub dataset id."""
+    """A ``datasets.Dataset`` from a local .json/.jsonl file or a hub dataset id.
+
+    Raises:
+        DataError: a missing local file, a malformed one (naming the file and line) or one without records.
+    """
     import datasets
 
-    if Path(path).exists():
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    local = Path(path).expanduser()
+    if local.is_file():
+        json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+        level = json_logger.level
+        json_logger.setLevel(logging.CRITICAL)  # its parse error names no line; ours below does
+        try:
+            ds = datasets.load_dataset("json", data_files=str(local), split="train")
+        except Exception as error:  # pyarrow / datasets raise many types; say which line is wrong instead
+            problem = find_malformed_line(local)
+            if not problem:
+                raise
+            raise DataError(problem) from error
+        finally:
+            json_logger.setLevel(level)
+        if len(ds) == 0:
+            raise DataError(
+                f"{path}: the file holds no records; point data.path/eval.path at a non-empty file"
+            )
+    elif local.exists() or path.startswith((".", "/", "~")) or local.suffix in {".json", ".jsonl"}:
+        what = "is a directory, not a .json/.jsonl file" if local.exists() else "no such file or directory"
+        raise DataError(f"{path}: {what}")
     else:
         ds = datasets.load_dataset(path, name, split=split)
     if max_samples is not None:

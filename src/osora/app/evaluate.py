@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, config_from_argv, to_dict
+from .checkpoints import check_not_partial_adapter
+from .config import ConfigError, RunConfig, config_from_argv, to_dict
 from .data import detect_format, few_shot_prefix, load_records, make_prompt
+from .models import resolve
 from .scoring import TASKS
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,6 +48,7 @@ def load_model(
         base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass eval.base")
+        base = resolve(base).location  # paths are never sent to the Hub
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
@@ -53,6 +56,8 @@ def load_model(
         has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base)
     else:
+        check_not_partial_adapter(Path(path))
+        path = resolve(path).location  # paths are never sent to the Hub
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
@@ -97,7 +102,9 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Score ``cfg.eval.model`` on ``cfg.eval.task``; returns (and writes) the report."""
     e = cfg.eval
     if e.path is None:
-        raise ValueError("eval.path is required")
+        raise ConfigError(
+            "eval.path is required: set it to a local .json/.jsonl test file or a hub dataset id"
+        )
     model_path = e.model or cfg.training.output_dir
     task = TASKS[e.task]
     style = e.prompt or cfg.data.prompt

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .checkpoints import require_osora_adapter
 from .evaluate import load_model
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
 
     from osora import export
 
+    require_osora_adapter(Path(args.adapter_dir), command)
     model, tokenizer = load_model(args.adapter_dir, args.base, args.dtype)
     if not isinstance(model, PeftModel):
         raise SystemExit(

@@ -78,8 +78,13 @@ def cache_dir() -> Path:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether ``name`` is meant as a local path (and so must never be sent to the Hub)."""
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf")
+    """Whether ``name`` is meant as a local path (and so must never be sent to the Hub).
+
+    Besides the obvious forms, ``runs/my-run`` is a path when ``runs/`` exists here: a mistyped run folder is
+    "no such file or directory", not a hub id to retry for a minute.
+    """
+    first = Path(name).parts[0] if "/" in name else ""
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or bool(first and Path(first).is_dir())
 
 
 def packaged_gguf(short_name: str) -> Path:
@@ -173,7 +178,14 @@ def resolve(name: str) -> ModelSource:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    """Whether the Hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    flags = (
+        os.environ.get(v, "0").lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    return bool(constants.HF_HUB_OFFLINE) or any(flags)
 
 
 def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
@@ -189,7 +201,7 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
             )
             raise ModelNotFoundError(
                 f"{source.name!r} is not a local folder or file, not a known model ({known}), and {where}: "
-                f"{error}"
+                f"{str(error).splitlines()[0]}"
             ) from error
         raise
 

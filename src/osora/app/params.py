@@ -48,10 +48,15 @@ def load_model_config(source: str):  # -> transformers.PretrainedConfig
             raise ValueError(f"{source}: model.name_or_path or model.from_config is needed")
         source = model.name_or_path
         path = Path(source)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".json":
         values = json.loads(path.read_text())
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    return AutoConfig.from_pretrained(source)
+    from .models import (
+        _from_pretrained,
+        resolve,
+    )  # a short name, a folder, a .gguf file or a hub id (paths first)
+
+    return _from_pretrained(AutoConfig, resolve(source))
 
 
 def adapted_matrices(model_config, target_modules: list[str] | str | None = None) -> list[Matrix]:

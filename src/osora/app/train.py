@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,15 @@ from typing import Any, cast
 
 import torch
 
-from .config import MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
+from .checkpoints import (
+    RUN_FILE,
+    CrashSafeTrainer,
+    StopOnSignal,
+    atomic_write_text,
+    prepare_output_dir,
+    publish_folder,
+)
+from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
 
 logger = logging.getLogger("osora.train")
@@ -30,7 +39,6 @@ logger = logging.getLogger("osora.train")
 BASE_MODEL_DIR = (
     "base_model"  # where a model built from model.from_config is saved, so adapters can be reloaded
 )
-RUN_FILE = "osora_run.json"
 
 
 def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
@@ -206,15 +214,53 @@ def training_arguments(cfg: RunConfig):
     )
 
 
-def run(cfg: RunConfig, callbacks: list[Any] | None = None):
-    """Train as ``cfg`` says and save the result; returns the ``Trainer`` (for tests and notebooks)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+def validate(cfg: RunConfig) -> None:
+    """Check what can be checked before anything is built or written: the method's settings, the data and model.
 
-    args = training_arguments(cfg)  # sets up torch.distributed under torchrun / accelerate
-    set_seed(cfg.training.seed)
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
     if cfg.data.path is None:
-        raise ValueError("data.path is required")
-    records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
+        raise ConfigError("data.path is required: set it to a local .json/.jsonl file or a hub dataset id")
+    if cfg.model.from_config is None and cfg.model.name_or_path is None:
+        raise ConfigError(
+            "set model.name_or_path (a model folder, short name or hub id) or model.from_config"
+        )
+    if cfg.model.from_config is not None and "model_type" not in cfg.model.from_config:
+        raise ConfigError("model.from_config needs a 'model_type' (e.g. llama)")
+    if cfg.method.name == "full":
+        return
+    import osora  # noqa: F401  (registers OSoRA with peft)
+
+    targets = cfg.method.target_modules if cfg.method.target_modules is not None else "all-linear"
+    try:
+        PEFT_CONFIGS[cfg.method.name](cfg.method, targets)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"method settings ({cfg.method.name}): {error}") from error
+
+
+def run(cfg: RunConfig, callbacks: list[Any] | None = None):
+    """Train as ``cfg`` says and save the result; returns the ``Trainer`` (for tests and notebooks).
+
+    Checkpoints and the final save are crash-safe and a resume is exact (:mod:`osora.app.checkpoints`); an
+    output_dir that holds another run is refused before anything is built or written.
+    """
+    from accelerate import PartialState
+    from transformers import DataCollatorForSeq2Seq, set_seed
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    validate(cfg)
+    args = training_arguments(cfg)  # sets up torch.distributed under torchrun / accelerate
+    out = Path(cfg.training.output_dir)
+    resume_from = prepare_output_dir(
+        out,
+        cfg.training.overwrite_output_dir,
+        cfg.training.resume_from_checkpoint,
+        is_main=args.process_index == 0,
+    )
+    PartialState().wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
+    set_seed(cfg.training.seed)
+    records = load_split(str(cfg.data.path), cfg.data.name, cfg.data.split, cfg.data.max_samples)
     tokenizer = build_tokenizer(cfg.model, records)
     tokenizer.padding_side = "right"
     train_dataset, report = build_train_dataset(records, tokenizer, cfg.data)
@@ -222,12 +268,13 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
         report.log()
 
     model = build_model(cfg.model, tokenizer, cfg.training.seed)
-    out = Path(cfg.training.output_dir)
     if cfg.model.from_config is not None:
         base_dir = out / BASE_MODEL_DIR
         if args.process_index == 0:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+            staging = out / f".{BASE_MODEL_DIR}.tmp"
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            publish_folder(staging, base_dir)
         # peft records it as the adapter's base_model_name_or_path, so eval/merge/export find the base
         model.config.name_or_path = model.name_or_path = str(base_dir.resolve())
     model = apply_method(model, cfg.method)
@@ -241,19 +288,33 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
             flush=True,
         )
 
-    trainer = Trainer(
+    stop = StopOnSignal()
+    trainer = CrashSafeTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), stop],
     )
-    resume = cfg.training.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=resume if resume not in (None, False) else None)
-    if trainer.state.global_step < trainer.state.max_steps and trainer.control.should_training_stop:
+    stop.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.uninstall()
+    stopped_early = (
+        trainer.state.global_step < trainer.state.max_steps and trainer.control.should_training_stop
+    )
+    if stopped_early and stop.received is None:
         return trainer  # stopped early by a callback: leave the checkpoints, save nothing final
-    trainer.save_model(str(out))
+    trainer.save_final(out)
+    if stop.received is not None and trainer.is_world_process_zero():
+        print(
+            f"interrupted by {signal.Signals(stop.received).name} at step {trainer.state.global_step}: saved "
+            f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step} and the adapter to {out}; continue with "
+            "training.resume_from_checkpoint=true",
+            flush=True,
+        )
     if trainer.is_world_process_zero():
         run_info = {
             "config": to_dict(cfg),
@@ -262,7 +323,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
             "data": {"total": report.total, "kept": report.kept, "skipped": dict(report.skipped)},
             "log_history": trainer.state.log_history,
         }
-        (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str))
+        atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=2, default=str))
         print(f"saved {'model' if cfg.method.name == 'full' else 'adapter'} to {out}", flush=True)
     trainer.accelerator.wait_for_everyone()  # no rank returns (or exits) while rank 0 is still writing
     return trainer
@@ -274,5 +335,9 @@ def main(argv: list[str]) -> int:
         return cfg
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # end_training destroys the process group: a gloo group left to interpreter exit can abort a rank
-    run(cfg).accelerator.end_training()
-    return 0
+    trainer = run(cfg)
+    trainer.accelerator.end_training()
+    interrupted = next(
+        (cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal)), None
+    )
+    return 128 + interrupted if interrupted else 0

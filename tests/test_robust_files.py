@@ -1,0 +1,42 @@
+"""Temporary files and folders that killed saves and exports left behind are removed by the next write;
+those of a write still in progress are kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from osora.checkpoint import atomic_directory, atomic_save_file
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale_dir = tmp_path / f".export.tmp-{dead_pid}-abc"
+        (stale_dir / "base").mkdir(parents=True)
+        (stale_dir / "base" / "model.safetensors").write_bytes(b"\0" * 1024)
+        old_style = tmp_path / ".export.tmp-x1y2z3"  # the name an earlier osora gave it (no pid)
+        old_style.mkdir()
+        in_progress = tmp_path / f".export.tmp-{live.pid}-def"
+        in_progress.mkdir()
+        with atomic_directory(tmp_path / "export") as tmp:
+            (tmp / "a.txt").write_text("a")
+        assert (tmp_path / "export" / "a.txt").read_text() == "a"
+        assert not stale_dir.exists() and not old_style.exists()
+        assert in_progress.is_dir()
+
+        stale_file = tmp_path / f".w.safetensors.tmp-{dead_pid}-q"
+        stale_file.write_bytes(b"partial")
+        atomic_save_file({"x": torch.ones(2)}, tmp_path / "w.safetensors")
+        assert not stale_file.exists() and (tmp_path / "w.safetensors").is_file()
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", in_progress.name, "w.safetensors"])

@@ -4,9 +4,9 @@ W' = W − U_r diag(σ_r) V_rᵀ + diag(O) U_r diag(S) V_rᵀ; only S (r) and O 
 :mod:`osora.functional` for the equation and :class:`osora.OSoRAConfig` for the options.
 """
 
-from . import registration
+from . import _logging, registration  # noqa: F401 (_logging first: it acts before peft is imported)
 from .checkpoint import AdapterFileError, save_adapter, weight_fingerprint
-from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
+from .config import DEFAULT_TARGET_MODULES, OSoRAConfig, default_target_modules
 from .layer import OSoRALayer
 from .model import OSoRAModel
 from .svd import SVDAccuracyWarning, SVDSpec
@@ -30,5 +30,6 @@ __all__ = [
     "SVDSpec",
     "register",
     "save_adapter",
+    "default_target_modules",
     "weight_fingerprint",
 ]

@@ -9,6 +9,10 @@ from typing import Any, Literal, get_args
 import torch
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils.constants import (
+    INCLUDE_LINEAR_LAYERS_SHORTHAND,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+)
 
 from .checkpoint import read_adapter_file
 from .functional import ODim, SParametrization
@@ -34,6 +38,21 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "bert": r".*encoder\.layer\.\d+\..*(query|key|value|dense)$",
     "roberta": r".*encoder\.layer\.\d+\..*(query|key|value|dense)$",
 }
+
+
+def default_target_modules(model_type: str | None) -> list[str] | str:
+    """The modules OSoRA adapts when ``target_modules`` is None, for a model's ``config.model_type``.
+
+    In order: osora's own choice (:data:`DEFAULT_TARGET_MODULES`), then peft's LoRA default for the architecture
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, dozens of them), then ``"all-linear"``: every linear
+    layer except the output head, as peft expands it. A model with no linear layer at all is refused when the
+    adapter is injected.
+    """
+    for mapping in (DEFAULT_TARGET_MODULES, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
+        targets = mapping.get(model_type or "")
+        if targets is not None:
+            return targets if isinstance(targets, str) else list(targets)
+    return INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 
 _SVD = SVDSpec()  # the defaults of the SVD fields below
@@ -78,8 +97,9 @@ class OSoRAConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Module names (suffix match) or one regex (full match) to adapt. None: the default for the "
-            "architecture (DEFAULT_TARGET_MODULES). Only torch.nn.Linear and transformers' Conv1D are supported."
+            "help": "Module names (suffix match), one regex (full match) or 'all-linear' to adapt. None: the default "
+            "for the architecture (osora's DEFAULT_TARGET_MODULES, else peft's LoRA default, else 'all-linear'). "
+            "Only torch.nn.Linear and transformers' Conv1D, plain or bitsandbytes-quantized, are supported."
         },
     )
     exclude_modules: list[str] | str | None = field(

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import CHECKSUM_KEY, AdapterFileError, tensors_checksum, weight_fingerprint
-from .config import DEFAULT_TARGET_MODULES, OSoRAConfig
+from .config import OSoRAConfig, default_target_modules
 from .distributed import is_partitioned
 from .factors import compute_factors
 from .layer import Linear, OSoRALayer
@@ -49,8 +49,14 @@ class OSoRAModel(BaseTuner):
 
     prefix: str = "osora_"
     tuner_layer_cls = OSoRALayer
-    # peft types this dict[str, list[str]]; a regex string is accepted by its matching as well
-    target_module_mapping = DEFAULT_TARGET_MODULES  # type: ignore[assignment]
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict[str, Any]) -> PeftConfig:
+        """Fill ``target_modules=None`` with :func:`osora.config.default_target_modules` for the architecture."""
+        config = cast(OSoRAConfig, peft_config)
+        if config.target_modules is None:
+            targets = default_target_modules(model_config.get("model_type"))
+            config.target_modules = targets if isinstance(targets, str) else set(targets)  # type: ignore[assignment]
+        return config
 
     def inject_adapter(  # type: ignore[override]
         self,

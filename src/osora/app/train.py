@@ -88,9 +88,9 @@ def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
 
 
 def _default_targets(model: Any) -> list[str] | str:
-    from osora.config import DEFAULT_TARGET_MODULES
+    from osora.config import default_target_modules
 
-    return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    return default_target_modules(model.config.model_type)
 
 
 def _osora(trainable: str) -> Callable[[MethodConfig, Any], Any]:

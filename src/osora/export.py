@@ -43,13 +43,22 @@ class _Factors:
     o_dim: OF.ODim
 
 
-def _adapted(peft_model: PeftModel, adapter_name: str) -> dict[str, _Factors]:
-    """Module name (relative to the base model) → float32 factors of ``adapter_name``."""
+def _adapted(peft_model: PeftModel, adapter_name: str, dense_weights: bool = False) -> dict[str, _Factors]:
+    """Module name (relative to the base model) → float32 factors of ``adapter_name``.
+
+    ``dense_weights``: the export writes base weights, which a quantized layer cannot give exactly (refused).
+    """
     out = {}
     for name, layer in peft_model.get_base_model().named_modules():
         if isinstance(layer, OSoRALayer) and adapter_name in layer.osora_S:
             if layer.merged:
                 raise ValueError(f"module '{name}' has merged adapters; unmerge before exporting")
+            if dense_weights and layer.quantization_backend is not None:
+                raise ValueError(
+                    f"module '{name}' is quantized ({layer.quantization_backend.backend_name}): merged and residual "
+                    "exports write full-precision weights, so load the base unquantized with this adapter to export "
+                    "them, or export as LoRA, which loads onto the quantized base"
+                )
             sigma = layer.osora_sigma[adapter_name].float()
             S = OF.effective_S(
                 layer.osora_S[adapter_name].detach().float(), sigma, layer.s_parametrization[adapter_name]
@@ -114,7 +123,7 @@ def save_merged(
         ValueError: A merged weight holds NaN or inf (with ``safe_merge``).
     """
     weights = {}
-    for name, f in _adapted(peft_model, adapter_name).items():
+    for name, f in _adapted(peft_model, adapter_name, dense_weights=True).items():
         merged = f.layer.dense_base_weight().float() + OF.delta_weight(f.U, f.Vh, f.sigma, f.S, f.O, f.o_dim)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
@@ -181,7 +190,7 @@ def save_residual(
     """
     weights = {
         name: _weight_layout(f, OF.residual_weight(f.layer.dense_base_weight(), f.U, f.Vh, f.sigma))
-        for name, f in _adapted(peft_model, adapter_name).items()
+        for name, f in _adapted(peft_model, adapter_name, dense_weights=True).items()
     }
     with atomic_directory(out_dir) as tmp:
         _save_plain(peft_model, adapter_name, weights, tmp / "base")

@@ -17,6 +17,7 @@ from .checkpoint import weight_fingerprint
 from .config import OSoRAConfig
 from .distributed import gathered_parameters
 from .factors import compute_factors
+from .quantized import standard_layout
 from .svd import SVDFactors, SVDSpec
 
 
@@ -78,7 +79,18 @@ class OSoRALayer(BaseTunerLayer):
 
     def stored_weight(self) -> torch.Tensor:
         """The base layer's weight tensor as stored (quantized, Conv1D-transposed or plain)."""
+        standard_layout(self.get_base_layer())
         return cast(torch.Tensor, self.get_base_layer().weight)
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight, dequantized by peft's quantization backend when the base layer is quantized."""
+        standard_layout(self.get_base_layer())
+        return super().get_base_weight()
+
+    def set_base_weight(self, weight_data: torch.Tensor) -> None:
+        """Store ``weight_data`` as the base weight, quantized again by peft's backend when the base is quantized."""
+        standard_layout(self.get_base_layer())
+        super().set_base_weight(weight_data)
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a (d_out, d_in) matrix (dequantized, untransposed for Conv1D)."""
@@ -198,7 +210,10 @@ class OSoRALayer(BaseTunerLayer):
             self.o_dim[adapter],
         )
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(self.stored_weight().dtype)
+        stored = (
+            self.stored_weight().dtype
+        )  # a quantized weight is stored as integers: ΔW stays in the factors' dtype
+        return delta.to(stored) if stored.is_floating_point else delta
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add ΔW of the active (or given) adapters into the base weight.
@@ -210,11 +225,18 @@ class OSoRALayer(BaseTunerLayer):
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.osora_S:
                 continue
+            if self.quantization_backend is not None:
+                warnings.warn(
+                    f"OSoRA: merging into a quantized ({self.quantization_backend.backend_name}) weight dequantizes "
+                    "it, adds ΔW and quantizes the sum again; the rounding changes the outputs slightly and unmerge "
+                    "does not restore the original quantized weight exactly",
+                    stacklevel=2,
+                )
             weight = self.get_base_weight()
             merged = weight.float() + self.get_delta_weight(name).float()
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs or infs in the merged weight of adapter '{name}'; the adapter is broken"
+                raise ValueError(  # peft's wording, as its other tuners raise it
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                 )
             self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(name)

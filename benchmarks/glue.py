@@ -15,7 +15,8 @@ versions, hardware, wall time, every run), ``glue_<task>.png`` (dev accuracy vs 
 ``benchmarks/README_glue.md`` (the table generated from the JSON). The JSON is rewritten after every run, so an
 interrupted benchmark still leaves its measurements.
 
-A smoke run (``--quick``: two methods on a few rows, about a minute) writes to ``$TMPDIR/osora-bench-quick``.
+A smoke run (``--quick``: head and OSoRA on 64 training rows, one seed and rate) writes to
+``$TMPDIR/osora-bench-quick``, never to the committed results.
 
 Example (SST-2, MiniLM-L6, all 8 methods, 3-point grid, 2 seeds: 36 minutes on 2 shared CPU cores):
     python benchmarks/glue.py --data-dir ../shared/data/sst2 --train-size 2000 --seeds 0 1

@@ -17,7 +17,7 @@ from osora.app.train import run
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
-METHODS = ["osora", "osora-S", "osora-O", "lora", "vera", "pissa", "dora", "full"]
+METHODS = ["osora", "osora-S", "osora-O", "osora-scaled", "lora", "vera", "pissa", "dora", "full"]
 
 
 def tiny_config(out: Path, *overrides: str) -> RunConfig:

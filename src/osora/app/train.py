@@ -32,6 +32,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
+from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
 
@@ -100,14 +101,6 @@ def apply_method(model: Any, method: MethodConfig):
     from peft import get_peft_model
 
     return get_peft_model(model, config)
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; for PEFT models as peft counts them."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def training_arguments(cfg: RunConfig):

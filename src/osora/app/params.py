@@ -69,10 +69,10 @@ def load_model_config(source: str):  # -> transformers.PretrainedConfig
 
 
 def default_targets(model_type: str) -> list[str] | str:
-    """OSoRA's default target modules for an architecture (``osora.DEFAULT_TARGET_MODULES``), else all linears."""
-    from osora.config import DEFAULT_TARGET_MODULES
+    """OSoRA's default target modules for an architecture (:func:`osora.config.default_target_modules`)."""
+    from osora.config import default_target_modules
 
-    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+    return default_target_modules(model_type)
 
 
 def meta_model(model_config: Any) -> nn.Module:

@@ -168,11 +168,8 @@ class TinyCausalLM:
 #: the cases of the default test run (every generic test runs on each); the others are marked slow (``-m slow``)
 DEFAULT_RUN = {
     "Vanilla MLP 4 OSoRA",
-    "MLP compact OSoRA",
     "Embedding + transformers Conv1D 1 OSoRA",
-    "OSoRA Same",
     "OSoRA Different",
-    "tiny-GPT2LMHeadModel-identity",
     "tiny-LlamaForCausalLM-scaled-random",
 }
 

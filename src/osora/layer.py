@@ -17,7 +17,7 @@ from .checkpoint import weight_fingerprint
 from .config import OSoRAConfig
 from .distributed import gathered_parameters
 from .factors import compute_factors
-from .quantized import standard_layout
+from .quantized import dequantized_4bit, restore_layout, unpacked_4bit
 from .svd import SVDFactors, SVDSpec
 
 
@@ -79,17 +79,17 @@ class OSoRALayer(BaseTunerLayer):
 
     def stored_weight(self) -> torch.Tensor:
         """The base layer's weight tensor as stored (quantized, Conv1D-transposed or plain)."""
-        standard_layout(self.get_base_layer())
-        return cast(torch.Tensor, self.get_base_layer().weight)
+        unpacked = unpacked_4bit(self.get_base_layer())  # the standard layout, whatever the CPU kernel did
+        return unpacked[0] if unpacked is not None else cast(torch.Tensor, self.get_base_layer().weight)
 
     def get_base_weight(self) -> torch.Tensor:
         """The base weight, dequantized by peft's quantization backend when the base layer is quantized."""
-        standard_layout(self.get_base_layer())
-        return super().get_base_weight()
+        dense = dequantized_4bit(self.get_base_layer())
+        return dense if dense is not None else super().get_base_weight()
 
     def set_base_weight(self, weight_data: torch.Tensor) -> None:
         """Store ``weight_data`` as the base weight, quantized again by peft's backend when the base is quantized."""
-        standard_layout(self.get_base_layer())
+        restore_layout(self.get_base_layer())
         super().set_base_weight(weight_data)
 
     def dense_base_weight(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,32 +71,86 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def merged_for_inference(model: Any) -> Any:
+    """The plain transformers model with every adapter merged into its weights (W' = W + ΔW), for fast generation.
+
+    A PEFT model is merged in place and unwrapped (``merge_and_unload``); any other model is returned as it is.
+    Generation then costs what the base model costs: no adapter branch runs per token.
+    """
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def cut_at_stop(completion: str, stop_strings: Sequence[str]) -> str:
+    """``completion`` up to (not including) the first of ``stop_strings`` that occurs in it."""
+    ends = [completion.find(s) for s in stop_strings if s and s in completion]
+    return completion[: min(ends)] if ends else completion
+
+
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    add_special_tokens: bool = True,
+    progress: bool = True,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (the generated text only), in left-padded batches."""
+    """Greedy completions of ``prompts`` (the generated text only, cut at the first stop string), in input order.
+
+    Each sequence stops at EOS or at a stop string (transformers' ``stop_strings``); a batch ends when all its
+    sequences have. Prompts are batched by length (less left padding) and left-padded. Pass a merged model
+    (:func:`merged_for_inference`) for speed. ``add_special_tokens=False`` for prompts that already hold them
+    (chat-templated prompts).
+    """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    completions: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # (batch, prompt + new)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return completions
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions: dict[int, str] = {}
+    stops = [s for s in stop_strings if s]
+    try:
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress
+        ):
+            index = order[start : start + batch_size]
+            batch = tokenizer(
+                [prompts[i] for i in index],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+            ).to(device)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                stop_strings=stops or None,
+                tokenizer=tokenizer if stops else None,
+            )  # (batch, prompt + new)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            completions.update((i, cut_at_stop(t, stops)) for i, t in zip(index, texts))
+    finally:
+        tokenizer.padding_side = padding_side
+    return [completions[i] for i in range(len(prompts))]
 
 
-def _cut(completion: str, style: str) -> str:
-    # a base model keeps writing after its answer; with the paper prompt a new "Question:" starts a new problem
-    return completion.split("Question:", 1)[0] if style == "paper" else completion
+#: Where a completion ends, per prompt style, besides EOS: a model that keeps writing after its answer starts a new
+#: problem ("Question:" with the paper's prompt, "### Instruction" with alpaca's).
+STOP_STRINGS: dict[str, tuple[str, ...]] = {
+    "paper": ("Question:",),
+    "alpaca": ("### Instruction", "Below is an instruction"),
+    "chat": (),
+}
 
 
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
@@ -120,14 +175,25 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
     started = time.time()
     model, tokenizer = load_model(model_path, e.base, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = merged_for_inference(model)
     fmt = detect_format(records[0])
     add_shots = few_shot_prefix(shots, fmt, style, tokenizer)
     prompts = [add_shots(make_prompt(r, fmt, style, tokenizer)) for r in records]
-    completions = generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens)
+    generating = time.time()
+    completions = generate(
+        model,
+        tokenizer,
+        prompts,
+        e.batch_size,
+        e.max_new_tokens,
+        stop_strings=STOP_STRINGS[style],
+        add_special_tokens=style != "chat",  # the chat template writes its own special tokens
+    )
+    generate_s = time.time() - generating
 
     examples: list[dict[str, Any]] = []
     for record, prompt, completion in zip(records, prompts, completions):
-        prediction, reference, correct = task.score(_cut(completion, style), record)
+        prediction, reference, correct = task.score(completion, record)
         examples.append(
             {
                 "prompt": prompt,
@@ -145,6 +211,8 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         "correct": n_correct,
         "total": len(examples),
         "wall_s": round(time.time() - started, 2),
+        "generate_s": round(generate_s, 2),
+        "problems_per_s": round(len(examples) / max(generate_s, 1e-9), 4),
         "config": to_dict(cfg),
         "examples": examples,
     }
@@ -159,7 +227,10 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"{e.task}: accuracy {report['accuracy']:.4f} ({n_correct}/{len(examples)}); report: {output}")
+    print(
+        f"{e.task}: accuracy {report['accuracy']:.4f} ({n_correct}/{len(examples)}), "
+        f"{report['problems_per_s']:.3g} problems/s; report: {output}"
+    )
     return report
 
 

@@ -44,7 +44,20 @@ from .models import DEFAULT_MODEL, load_causal_lm
 #: Methods compared: (rank, learning rate). LoRA's r=8 is the usual choice; OSoRA's r=32 trains fewer numbers.
 DEMO_METHODS: dict[str, tuple[int, float]] = {"osora": (32, 2e-2), "lora": (8, 2e-3)}
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 FORMATS = ("{d} {month} {y}", "{month} {d}, {y}")
 INSTRUCTION = "Write the date {date} in the form YYYY-MM-DD."
 
@@ -182,12 +195,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return encoder_demo.main([a for a in argv if a != "--encoder"])
     args = parse_args(argv)
-    from peft import get_peft_model
-
     import osora
     from osora import export
 
-    from .train import PEFT_CONFIGS, _default_targets, count_parameters
+    from .params import count_parameters
+    from .train import apply_method
 
     # harmless here: a transformers deprecation raised inside peft, and peft looking for the base's config under
     # its short name (the vocabulary is not modified)
@@ -217,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if method != args.methods[0]:
             base, _ = load_causal_lm(args.model, dtype="float32", with_tokenizer=False)
         torch.manual_seed(args.seed)
-        model = get_peft_model(
-            base, PEFT_CONFIGS[method](MethodConfig(name=method, r=rank), _default_targets(base))
-        )
+        model = apply_method(base, MethodConfig(name=method, r=rank))  # as osora train builds it
         trainable, total = count_parameters(model)
         print(f"[{method}] r={rank}, lr={lr:g}: trainable params {trainable:,} / {total:,}")
         losses, seconds = train(model, tokenizer, task.train, args, lr)

@@ -79,3 +79,33 @@ def test_demo_then_generate_end_to_end(
 def test_generate_names_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert osora(["generate", "./no-such-model", "hello"]) == 2
     assert "no such file or directory: ./no-such-model" in capsys.readouterr().err
+
+
+def test_generate_names_an_unknown_model_offline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert osora(["generate", "not-a-model", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "'not-a-model' is not a local folder or file, not a known model (smollm2-135m-instruct)" in err
+
+
+def test_stop_strings_end_a_sequence_and_cut_its_completion() -> None:
+    import torch
+
+    from osora.app.data import word_level_tokenizer
+    from osora.app.evaluate import StopOnStrings, cut_at_stop
+
+    tokenizer = word_level_tokenizer(["the answer is 42 Question : next one"])
+    prompt = tokenizer("the answer is")["input_ids"]
+    stopped = tokenizer("the answer is 42 Question : next")["input_ids"]
+    running = tokenizer("the answer is 42 next one one")["input_ids"]
+    criterion = StopOnStrings(tokenizer, ["Question"], prompt_length=len(prompt))
+    ids = torch.tensor([stopped, running[: len(stopped)]])
+    assert criterion(ids, torch.zeros(2, 1)).tolist() == [True, False]
+    in_prompt = torch.tensor(
+        [tokenizer("Question : the next")["input_ids"]]
+    )  # the stop string is in the prompt
+    assert criterion(in_prompt, torch.zeros(1, 1)).tolist() == [False]
+    assert cut_at_stop("42\n\nQuestion: next", ["Question:", "###"]) == "42\n\n"
+    assert cut_at_stop("42", ["Question:"]) == "42"

@@ -23,7 +23,7 @@ import torch
 from .checkpoints import check_not_partial_adapter
 from .config import ConfigError, RunConfig, config_from_argv, to_dict
 from .data import detect_format, few_shot_prefix, load_records, make_prompt
-from .models import resolve
+from .models import load_causal_lm, load_tokenizer
 from .scoring import TASKS
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,14 +32,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 def load_model(
     path: str, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) for a model dir / hub id, or for an adapter dir on top of its base model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """(model, tokenizer) for a model (a folder, ``.gguf`` file, short name or hub id: see
+    :func:`osora.app.models.resolve`), or for an adapter dir on top of its base model."""
     model: Any
-
-    torch_dtype: Any = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        dtype, "auto"
-    )
     adapter_config = Path(path) / ADAPTER_CONFIG
     if adapter_config.is_file():
         from peft import PeftModel
@@ -49,20 +44,14 @@ def load_model(
         base = base or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass eval.base")
-        base = resolve(base).location  # paths are never sent to the Hub
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        model = PeftModel.from_pretrained(model, path)
         has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else base)
+        model, tokenizer = load_causal_lm(base, dtype, trust_remote_code, with_tokenizer=not has_tokenizer)
+        model = PeftModel.from_pretrained(model, path)
+        if has_tokenizer:
+            tokenizer = load_tokenizer(path)
     else:
         check_not_partial_adapter(Path(path))
-        path = resolve(path).location  # paths are never sent to the Hub
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_causal_lm(path, dtype, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
@@ -88,6 +77,26 @@ def cut_at_stop(completion: str, stop_strings: Sequence[str]) -> str:
     return completion[: min(ends)] if ends else completion
 
 
+class StopOnStrings:
+    """A transformers stopping criterion: a sequence is done once its new text holds one of ``stop_strings``.
+
+    It decodes the last few new tokens of each sequence, so it works with any tokenizer (transformers' own
+    ``stop_strings`` needs a tokenizer whose tokens decode with a prefix, which word-level ones do not).
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, list(stop_strings), prompt_length
+        self.window = (
+            max(len(s) for s in self.stop_strings) + 8
+        )  # tokens: each stop character needs at most one
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, self.prompt_length :][:, -self.window :]  # (batch, <= window)
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -101,12 +110,13 @@ def generate(
 ) -> list[str]:
     """Greedy completions of ``prompts`` (the generated text only, cut at the first stop string), in input order.
 
-    Each sequence stops at EOS or at a stop string (transformers' ``stop_strings``); a batch ends when all its
+    Each sequence stops at EOS or at a stop string (:class:`StopOnStrings`); a batch ends when all its
     sequences have. Prompts are batched by length (less left padding) and left-padded. Pass a merged model
     (:func:`merged_for_inference`) for speed. ``add_special_tokens=False`` for prompts that already hold them
     (chat-templated prompts).
     """
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -133,8 +143,9 @@ def generate(
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
-                stop_strings=stops or None,
-                tokenizer=tokenizer if stops else None,
+                stopping_criteria=StoppingCriteriaList(
+                    [StopOnStrings(tokenizer, stops, batch["input_ids"].shape[1])] if stops else []
+                ),
             )  # (batch, prompt + new)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

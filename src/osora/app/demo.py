@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if method != args.methods[0]:
             base, _ = load_causal_lm(args.model, dtype="float32", with_tokenizer=False)
         torch.manual_seed(args.seed)
-        model = apply_method(base, MethodConfig(name=method, r=rank))  # as osora train builds it
+        model = apply_method(base, MethodConfig(name=method, fields={"r": rank}))  # as osora train builds it
         trainable, total = count_parameters(model)
         print(f"[{method}] r={rank}, lr={lr:g}: trainable params {trainable:,} / {total:,}")
         losses, seconds = train(model, tokenizer, task.train, args, lr)

@@ -709,10 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
         "output_json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
         "runs": runs,
+        "git": git_state(),  # before this invocation writes anything
     }
 
     def save() -> None:
-        report["git"], report["environment"] = git_state(), environment()
+        report["environment"] = environment()
         report["summary"] = summarise(args.task, runs, args.methods, scale)
         atomic_write(json_path, json.dumps(report, indent=1) + "\n")
         if report["summary"]:

@@ -23,7 +23,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-Method = Literal["osora", "osora_s", "osora_o", "lora", "vera", "pissa", "dora", "full"]
 DataFormat = Literal["auto", "metamath", "gsm8k", "commonsense", "alpaca", "math"]
 PromptStyle = Literal["paper", "alpaca", "chat"]
 EvalTask = Literal[
@@ -101,9 +100,10 @@ class DataConfig:
 class MethodConfig:
     """The fine-tuning method and its hyper-parameters; baselines run through PEFT's own implementations."""
 
-    name: Method = _help(
+    name: str = _help(
         "osora",
-        "osora (S and O train), osora_s (S only), osora_o (O only), lora, vera, pissa, dora, or full fine-tuning.",
+        "A method of osora.app.methods.METHODS: osora (S and O train), osora-S (S only), osora-O (O only), "
+        "osora-scaled, lora, vera, pissa, dora, or full fine-tuning.",
     )
     r: int = _help(8, "Rank (OSoRA, LoRA, PiSSA, DoRA, VeRA).")
     target_modules: list[str] | str | None = _help(
@@ -116,6 +116,14 @@ class MethodConfig:
     )
     o_dim: Literal["output", "input"] = _help("output", "OSoRA: the dimension O scales.")
     vera_d_initial: float = _help(0.1, "VeRA: initial value of the d vector.")
+
+    def __post_init__(self) -> None:
+        from .methods import get_method
+
+        try:
+            get_method(self.name)
+        except ValueError as error:
+            raise ConfigError(f"method.name: {error}") from None
 
 
 @dataclass

@@ -17,9 +17,8 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -33,6 +32,8 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
+from .methods import get_method, peft_config
+from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
 
@@ -93,82 +94,31 @@ def _default_targets(model: Any) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
 
 
-def _osora(trainable: str) -> Callable[[MethodConfig, Any], Any]:
-    def build(m: MethodConfig, targets: Any) -> Any:
-        from osora import OSoRAConfig
-
-        return OSoRAConfig(
-            r=m.r,
-            target_modules=targets,
-            dropout=m.dropout,
-            trainable=trainable,  # type: ignore[arg-type]
-            o_dim=m.o_dim,
-            s_parametrization=m.s_parametrization,
-            task_type="CAUSAL_LM",
-        )
-
-    return build
-
-
-def _lora(**extra: Any) -> Callable[[MethodConfig, Any], Any]:
-    def build(m: MethodConfig, targets: Any) -> Any:
-        from peft import LoraConfig
-
-        alpha = m.lora_alpha if m.lora_alpha is not None else m.r
-        return LoraConfig(
-            r=m.r,
-            lora_alpha=cast(int, alpha),  # peft annotates int but scales by any number
-            lora_dropout=m.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-            **extra,
-        )
-
-    return build
-
-
-def _vera(m: MethodConfig, targets: Any) -> Any:
-    from peft import VeraConfig
-
-    return VeraConfig(
-        r=m.r,
-        target_modules=targets,
-        vera_dropout=m.dropout,
-        d_initial=m.vera_d_initial,
-        task_type="CAUSAL_LM",
-    )
-
-
-#: method name -> builder of its PEFT config (``full`` has none: every weight trains).
-PEFT_CONFIGS: dict[str, Callable[[MethodConfig, Any], Any]] = {
-    "osora": _osora("both"),
-    "osora_s": _osora("S"),
-    "osora_o": _osora("O"),
-    "lora": _lora(),
-    "pissa": _lora(init_lora_weights="pissa"),
-    "dora": _lora(use_dora=True),
-    "vera": _vera,
-}
+def peft_fields(method: MethodConfig, targets: Any) -> dict[str, Any]:
+    """The fields of ``method`` that its PEFT config class takes (see :mod:`osora.app.methods`)."""
+    family = get_method(method.name).family
+    fields: dict[str, Any] = {"r": method.r, "target_modules": targets, "task_type": "CAUSAL_LM"}
+    if family == "osora":
+        fields |= {"o_dim": method.o_dim, "s_parametrization": method.s_parametrization}
+    elif family == "lora":
+        # peft annotates lora_alpha as int but scales by any number; None: alpha = r (scale 1)
+        fields["lora_alpha"] = method.lora_alpha if method.lora_alpha is not None else method.r
+    elif family == "vera":
+        fields["d_initial"] = method.vera_d_initial
+    return fields
 
 
 def apply_method(model: Any, method: MethodConfig):
     """``model`` wrapped by the method's PEFT adapter (or returned as is, all weights trainable, for ``full``)."""
-    if method.name == "full":
+    if get_method(method.name).needs_head:
+        raise ConfigError(f"method.name={method.name} trains a classifier head; a causal LM has none")
+    targets = method.target_modules if method.target_modules is not None else _default_targets(model)
+    config = peft_config(method.name, dropout=method.dropout, **peft_fields(method, targets))
+    if config is None:  # full fine-tuning
         return model
     from peft import get_peft_model
 
-    import osora  # noqa: F401  (registers OSoRA with peft)
-
-    targets = method.target_modules if method.target_modules is not None else _default_targets(model)
-    return get_peft_model(model, PEFT_CONFIGS[method.name](method, targets))
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; for PEFT models as peft counts them."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return get_peft_model(model, config)
 
 
 def training_arguments(cfg: RunConfig):
@@ -228,13 +178,9 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.from_config is not None and "model_type" not in cfg.model.from_config:
         raise ConfigError("model.from_config needs a 'model_type' (e.g. llama)")
-    if cfg.method.name == "full":
-        return
-    import osora  # noqa: F401  (registers OSoRA with peft)
-
     targets = cfg.method.target_modules if cfg.method.target_modules is not None else "all-linear"
     try:
-        PEFT_CONFIGS[cfg.method.name](cfg.method, targets)
+        peft_config(cfg.method.name, dropout=cfg.method.dropout, **peft_fields(cfg.method, targets))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"method settings ({cfg.method.name}): {error}") from error
 

@@ -49,9 +49,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks (provenance helpers)
+from osora.app.provenance import BenchmarkRecord, write_result
 
-from glue import environment, git_state, lr_grid  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
+
+from glue import lr_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,10 +64,10 @@ COMMONSENSE_SETS = ("boolq", "arc_e", "arc_c", "obqa")
 
 
 @dataclass(frozen=True)
-class Method:
-    """A row of the table: the application's method name (:data:`osora.app.train.PEFT_CONFIGS`) and its rank."""
+class Row:
+    """A row of the table: a method of the registry (:data:`osora.app.methods.METHODS`) and its rank."""
 
-    name: str  # osora, osora_s, osora_o, lora, vera, pissa, dora, full, or "base" (no training)
+    name: str  # osora, osora-S, osora-O, lora, vera, pissa, dora, full, or "base" (no training)
     r: int = 0
     lr_centre: float = 0.0
 
@@ -76,20 +78,20 @@ OSORA_RMAX = 576
 
 #: The rows, most informative first. VeRA at r=32 trains r + d_out numbers per matrix: exactly OSoRA r=32's count.
 #: Grid centres: the methods' usual rates for short LLM schedules; vector methods take larger ones.
-METHODS: dict[str, Method] = {
-    "base": Method("base"),
-    "osora-r32": Method("osora", 32, 1e-2),
-    "lora-r8": Method("lora", 8, 1e-3),
-    "vera-r32": Method("vera", 32, 1e-2),
-    "osora-S-r32": Method("osora_s", 32, 1e-2),
-    "osora-O-r32": Method("osora_o", 32, 1e-2),
-    "osora-r8": Method("osora", 8, 1e-2),
-    "osora-r128": Method("osora", 128, 1e-2),
-    f"osora-r{OSORA_RMAX}": Method("osora", OSORA_RMAX, 1e-2),
-    "lora-r32": Method("lora", 32, 1e-3),
-    "pissa-r8": Method("pissa", 8, 3e-4),
-    "dora-r8": Method("dora", 8, 1e-3),
-    "full": Method("full", 0, 3e-5),
+ROWS: dict[str, Row] = {
+    "base": Row("base"),
+    "osora-r32": Row("osora", 32, 1e-2),
+    "lora-r8": Row("lora", 8, 1e-3),
+    "vera-r32": Row("vera", 32, 1e-2),
+    "osora-S-r32": Row("osora-S", 32, 1e-2),
+    "osora-O-r32": Row("osora-O", 32, 1e-2),
+    "osora-r8": Row("osora", 8, 1e-2),
+    "osora-r128": Row("osora", 128, 1e-2),
+    f"osora-r{OSORA_RMAX}": Row("osora", OSORA_RMAX, 1e-2),
+    "lora-r32": Row("lora", 32, 1e-3),
+    "pissa-r8": Row("pissa", 8, 3e-4),
+    "dora-r8": Row("dora", 8, 1e-3),
+    "full": Row("full", 0, 3e-5),
 }
 
 
@@ -334,18 +336,20 @@ def gsm8k_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]
 def run_one(
     task: str, key: str, lr: float, seed: int, args: argparse.Namespace, scale: Scale, data: dict[str, Any]
 ) -> dict[str, Any]:
-    """Train ``key`` (a :data:`METHODS` row) at ``lr`` with ``seed``, score it; the run's result row."""
+    """Train ``key`` (a :data:`ROWS` row) at ``lr`` with ``seed``, score it; the run's result row."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from osora.app import classify as C
+    from osora.app.classify import adapter_bytes
     from osora.app.config import DataConfig, MethodConfig
     from osora.app.data import build_train_dataset
     from osora.app.models import load_causal_lm
-    from osora.app.train import apply_method, count_parameters
+    from osora.app.params import count_parameters
+    from osora.app.provenance import peak_memory_bytes, reset_peak_memory
+    from osora.app.train import apply_method
 
-    method = METHODS[key]
-    C.reset_peak_memory()
+    method = ROWS[key]
+    reset_peak_memory()
     started = time.time()
     set_seed(seed)
     model, tokenizer = load_causal_lm(args.model, dtype="float32")
@@ -383,7 +387,7 @@ def run_one(
     row["trainable_params"], row["total_params"] = count_parameters(model)
     if method.name == "base":
         row["trainable_params"] = 0
-    row["adapter_bytes"] = C.adapter_bytes(model) if method.name not in {"base", "full"} else 0
+    row["adapter_bytes"] = adapter_bytes(model) if method.name not in {"base", "full"} else 0
     if method.name == "full":
         row["adapter_bytes"] = 4 * row["trainable_params"]  # the whole fp32 model is the "adapter"
     if hasattr(model, "merge_and_unload"):
@@ -404,7 +408,7 @@ def run_one(
         row["test_acc"] = {"gsm8k": accuracy}
         row["completion_samples"] = completions[:3]
     row["eval_seconds"] = time.time() - evaluated
-    row["peak_memory_bytes"] = C.peak_memory_bytes()
+    row["peak_memory_bytes"] = peak_memory_bytes()
     row["torch_threads"] = torch.get_num_threads()
     return row
 
@@ -419,9 +423,7 @@ def selection_score(task: str, row: dict[str, Any]) -> float:
 
 def grids(methods: Sequence[str], scale: Scale) -> dict[str, list[float]]:
     return {
-        m: [0.0]
-        if METHODS[m].name == "base"
-        else lr_grid(METHODS[m].lr_centre, scale.grid_points, scale.grid_step)
+        m: [0.0] if ROWS[m].name == "base" else lr_grid(ROWS[m].lr_centre, scale.grid_points, scale.grid_step)
         for m in methods
     }
 
@@ -449,7 +451,7 @@ def schedule(
     for m in methods:
         if all((m, lr, first) in done for lr in grid[m]):
             lr = best_lr(task, runs, m, first)
-            todo += [(m, lr, s) for s in (scale.seeds if METHODS[m].name != "base" else ()) if lr is not None]
+            todo += [(m, lr, s) for s in (scale.seeds if ROWS[m].name != "base" else ()) if lr is not None]
     seen: set[tuple[str, float, int]] = set()
     return [k for k in todo if not (k in done or k in seen or seen.add(k))]  # type: ignore[func-returns-value]
 
@@ -512,7 +514,8 @@ def headline(task: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The README table of one result file."""
-    task, cfg, scale = report["task"], report["config"], report["scale"]
+    task, cfg = report["task"], report["config"]
+    scale, git = cfg["scale"], report["provenance"]["git"]
     sets = [*COMMONSENSE_SETS, "average"] if task == "commonsense" else ["gsm8k", "nll"]
     names = {"average": "avg", "nll": "ref NLL", "gsm8k": "GSM8K EM"}
     measure = (
@@ -522,13 +525,12 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines = [
         f"<!-- generated by benchmarks/llm.py from {report['output_json']}; do not edit by hand -->",
-        f"**{task}** ({cfg['scale']} scale), `{cfg['model']}`: {scale['steps']} steps × {scale['batch_size']} "
+        f"**{task}** ({cfg['scale_name']} scale), `{cfg['model']}`: {scale['steps']} steps × {scale['batch_size']} "
         f"records of ≤ {scale['max_length']} tokens ({scale['train_size']} training records), cosine schedule; "
         f"test: {measure}, first {scale['test_size'] or 'all'} records of each test set; mean ± std over the seeds "
         f"run at the picked rate. Learning rate picked per method on a held-out slice of the training data "
         f"({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart). "
-        f"Git {report['git']['commit'][:8]}{' (dirty)' if report['git']['dirty'] else ''}, "
-        f"{report['environment']['hardware']['cpu']}.",
+        f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
         "",
         "| method | "
         + " | ".join(names.get(s, s) for s in sets)
@@ -612,10 +614,33 @@ def render(json_path: Path) -> str:
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def as_record(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` in the shape of :class:`osora.app.provenance.BenchmarkRecord` (files written before this runner
+    used it kept their git state and environment at the top level; their runs get that git state)."""
+    if "provenance" in report:
+        return report
+    old = report
+    for run in old["runs"]:
+        run.setdefault("git", old["git"])
+    config = {
+        "scale_name": old["config"]["scale"],
+        **{k: old["config"][k] for k in ("model", "methods", "data_seed")},
+    }
+    config |= {
+        "setup": old["setup"],
+        "scale": old["scale"],
+        "rows": old["methods"],
+        "lr_grids": old["lr_grids"],
+    }
+    return {
+        "benchmark": "llm",
+        "command": old["command"],
+        "config": {**config, "protocol": old["protocol"]},
+        "provenance": {"git": old["git"], **old["environment"]},
+        "wall_s": None,
+        "peak_memory_bytes": max((r["peak_memory_bytes"] for r in old["runs"]), default=0),
+        **{k: old[k] for k in ("task", "output_json", "runs")},
+    }
 
 
 #: Scale fields that do not change a run's result (which runs to do, how fast to score), left out of the setup.
@@ -634,7 +659,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--model", default="smollm2-135m-instruct", help="short name, model folder or hub id")
     p.add_argument("--data-dir", type=Path, help="default: ../shared/data/<task> next to the repository")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, help="default: the scale's (0 1 2)")
     p.add_argument("--steps", type=int, help="override the scale's step budget")
     p.add_argument("--test-size", type=int, help="override the scale's test records per set (0: all)")
@@ -679,54 +704,52 @@ def main(argv: list[str] | None = None) -> int:
     png_path = json_path.with_suffix(".png")
     readme_path = args.readme_dir / f"README_{readme_name(args.task, args.scale)}.md"
     setup = setup_of(args, scale)
-    runs: list[dict[str, Any]] = []
-    if json_path.is_file():
-        earlier = json.loads(json_path.read_text())
-        if earlier["setup"] != setup:
-            changed = sorted(k for k in setup if earlier["setup"].get(k) != setup[k])
+    earlier: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if earlier:
+        earlier = as_record(earlier)
+        if earlier["config"]["setup"] != setup:
+            changed = sorted(k for k in setup if earlier["config"]["setup"].get(k) != setup[k])
             print(
                 f"{json_path} holds runs of another setup (differs in {', '.join(changed)}); pass --out DIR to "
                 "keep both",
                 file=sys.stderr,
             )
             return 2
-        runs = earlier["runs"]
-    command = " ".join(["python", "benchmarks/llm.py", *(sys.argv[1:] if argv is None else argv)])
-    report: dict[str, Any] = {
-        "benchmark": "llm",
+    runs: list[dict[str, Any]] = earlier.get("runs", [])
+    results = {
         "task": args.task,
-        "command": command,
-        "config": {
-            "scale": args.scale,
-            "model": args.model,
-            "methods": args.methods,
-            "data_seed": args.data_seed,
-        },
-        "setup": setup,
-        "scale": asdict(scale),
-        "methods": {m: asdict(METHODS[m]) for m in args.methods},
-        "lr_grids": grids(args.methods, scale),
-        "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
         "output_json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
         "runs": runs,
-        "git": git_state(),  # before this invocation writes anything
     }
 
-    def save() -> None:
-        report["environment"] = environment()
-        report["summary"] = summarise(args.task, runs, args.methods, scale)
-        atomic_write(json_path, json.dumps(report, indent=1) + "\n")
-        if report["summary"]:
-            plot(report, png_path)
-            atomic_write(readme_path, markdown(report))
+    def save(result: dict[str, Any]) -> None:
+        result["summary"] = summarise(args.task, runs, result["config"]["methods"], scale)
+        write_result(json_path, result)
+        if result["summary"]:
+            plot(result, png_path)
+            readme_path.write_text(markdown(result))
 
-    if args.render:
-        save()
+    if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
+        if earlier:
+            save(earlier)
         return 0
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    config = {
+        "scale_name": args.scale,
+        "model": args.model,
+        "methods": args.methods,
+        "data_seed": args.data_seed,
+        "setup": setup,
+        "scale": asdict(scale),
+        "rows": {m: asdict(ROWS[m]) for m in args.methods},
+        "lr_grids": grids(args.methods, scale),
+        "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
+    }
+    command = " ".join(["python", "benchmarks/llm.py", *(sys.argv[1:] if argv is None else argv)])
+    record = BenchmarkRecord("llm", config, command=command)  # provenance taken before anything is written
     data = load_data(args.task, args.data_dir, scale, args.data_seed)
     started, new = time.time(), 0
     while todo := schedule(args.task, runs, args.methods, scale):
@@ -737,14 +760,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {key} lr={lr:g} seed={seed} ({len(todo)} left)", flush=True)
         row = run_one(args.task, key, lr, seed, args, scale, data)
         row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        row["git"] = record.provenance["git"]
         runs.append(row)
         new += 1
         print(
             json.dumps({k: v for k, v in row.items() if k not in {"loss_curve", "completion_samples"}}),
             flush=True,
         )
-        save()
-    save()
+        save(record.finish(**results))
+    save(record.finish(**results))
     return 0
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import llm  # noqa: E402  (benchmarks/ is not a package: its folder is on the path)
 import update_readme  # noqa: E402
+from osora.app.provenance import RECORD_KEYS  # noqa: E402
 
 ARC = {
     "instruction": "Please choose the correct answer to the question: Which is a metal?\n\n"
@@ -148,12 +149,10 @@ def test_summary_and_table():
     assert osora_row["test"]["average"] == pytest.approx((50.5, 0.7071), abs=1e-3)
     report = {
         "task": "commonsense",
-        "config": {"scale": "cpu", "model": "tiny"},
-        "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)},
+        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
         "summary": summary,
         "runs": runs,
-        "git": {"commit": "0123456789", "dirty": False},
-        "environment": {"hardware": {"cpu": "test cpu"}},
+        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
         "command": "python benchmarks/llm.py --task commonsense",
         "output_json": "x.json",
     }
@@ -191,7 +190,8 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     assert llm.main(argv) == 0  # the rest, without repeating the first two
     assert len(calls) == len(set(calls)) == 1 + 3 + 1
     report = json.loads(result.read_text())
-    assert report["setup"]["train_size"] == 4 and report["git"]["commit"]
+    assert report["config"]["setup"]["train_size"] == 4 and report["provenance"]["git"]["commit"]
+    assert list(report)[:6] == list(RECORD_KEYS)
     assert (tmp_path / "README_llm_commonsense_cpu.md").read_text() == llm.render(result)
     assert result.with_suffix(".png").is_file()
     assert llm.main([*argv, "--seeds", "0", "1", "2"]) == 0  # another seed: the same setup, one more run
@@ -213,3 +213,34 @@ def test_update_readme_check_regenerates_llm_tables_from_their_json(tmp_path, mo
     assert list(tables.values()) == ["table of llm_gsm8k_cpu\n"]
     readme = "a\n<!-- bench:llm_gsm8k_cpu -->\nold\n<!-- /bench:llm_gsm8k_cpu -->\n"
     assert "table of llm_gsm8k_cpu" in update.render(readme, tables)
+
+
+def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch):
+    data_dir = _commonsense_dir(tmp_path / "data")
+    argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path), "--methods", "base"]
+    argv += ["--readme-dir", str(tmp_path), "--train-size", "4", "--select-size", "1", "--test-size", "2"]
+    args = llm.parse_args(argv)
+    scale = llm.replace(llm.SCALES[("commonsense", "cpu")], train_size=4, select_size=1, test_size=2)
+    old = {  # the layout before the runner used BenchmarkRecord
+        "benchmark": "llm",
+        "task": "commonsense",
+        "command": "python benchmarks/llm.py --task commonsense",
+        "config": {"scale": "cpu", "model": args.model, "methods": ["base"], "data_seed": 0},
+        "setup": llm.setup_of(args, scale),
+        "scale": llm.asdict(scale),
+        "methods": {"base": llm.asdict(llm.ROWS["base"])},
+        "lr_grids": {"base": [0.0]},
+        "protocol": "p",
+        "output_json": "x.json",
+        "runs": [_row("base", 0.0, 0, 0.25)],
+        "git": {"commit": "abcdef12", "dirty": False},
+        "environment": {"hardware": {"cpu": "old cpu"}, "python": "3.11"},
+    }
+    path = tmp_path / "llm_commonsense_cpu.json"
+    path.write_text(json.dumps(old))
+    assert llm.main([*argv, "--render"]) == 0
+    new = json.loads(path.read_text())
+    assert new["provenance"]["git"]["commit"] == "abcdef12" and new["runs"][0]["git"]["commit"] == "abcdef12"
+    assert new["config"]["setup"] == old["setup"] and new["summary"][0]["method"] == "base"
+    table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
+    assert "Git abcdef12, old cpu" in table and "| base | 50.0 ± 0.0 |" in table

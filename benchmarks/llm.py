@@ -116,8 +116,9 @@ class Scale:
     grid_step: float = math.sqrt(10)
 
 
-#: (task, scale) -> setup. The CPU preset fits one invocation of the main rows into ~2.5 h on 2 idle cores; the GPU
-#: preset uses the full test sets and more data.
+#: (task, scale) -> setup. The CPU preset is the issue's reduced scale (128-160 token records, 100 steps, 100 test
+#: records per set); its cost on idle cores is not measured yet (on 2 cores shared with five other jobs, scoring the
+#: base model on commonsense took 35 minutes). The GPU preset uses the full test sets and more data.
 SCALES: dict[tuple[str, str], Scale] = {
     ("commonsense", "cpu"): Scale(800, 25, 100, 160, 100, 8, max_new_tokens=0),
     ("gsm8k", "cpu"): Scale(800, 64, 100, 256, 100, 8, max_new_tokens=200),
@@ -549,17 +550,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{row['best_lr']:g} ({len(row['lrs_tried'])}/{len(row['grid'])}{', edge' if row['best_lr_at_grid_edge'] else ''})"
             )
         )
+        train_time = f"{row['train_seconds_mean']:.0f}" if row["trainable_params"] else "–"
         lines.append(
             f"| {row['method']} | "
             + " | ".join(cells)
             + f" | {row['trainable_params']:,} | {row['adapter_bytes']:,} | "
-            f"{grid_text} | {len(row['seeds'])} | {row['train_seconds_mean']:.0f} | {row['peak_memory_mb']:.0f} |"
+            f"{grid_text} | {len(row['seeds'])} | {train_time} | {row['peak_memory_mb']:.0f} |"
         )
     lines += [
         "",
         '"lr (grid done)": the picked rate and how many of the grid\'s rates were trained ("edge": the pick is an '
         "end of the grid); a row with fewer than all rates or one seed is unfinished. Train time is wall clock per run "
-        "(model load and training), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
+        "(model load and training; scoring not included), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
         "shared CPU both are noisy.",
         "",
         f"Command (resumable; {len(report['runs'])} runs so far): `{report['command']}`",
@@ -608,7 +610,7 @@ def readme_name(task: str, scale: str) -> str:
 
 def render(json_path: Path) -> str:
     """The table of a committed result file (what ``update_readme.py --check`` compares with README_llm_*.md)."""
-    return markdown(json.loads(json_path.read_text()))
+    return markdown(as_record(json.loads(json_path.read_text())))
 
 
 # -- main -----------------------------------------------------------------------------------------------------------
@@ -639,7 +641,7 @@ def as_record(report: dict[str, Any]) -> dict[str, Any]:
         "provenance": {"git": old["git"], **old["environment"]},
         "wall_s": None,
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in old["runs"]), default=0),
-        **{k: old[k] for k in ("task", "output_json", "runs")},
+        **{k: old[k] for k in ("task", "output_json", "runs", "summary") if k in old},
     }
 
 

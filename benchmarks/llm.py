@@ -326,7 +326,15 @@ def gsm8k_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]
 
     tokenizer.padding_side = "left"
     prompts = [make_prompt(r, "gsm8k", "chat", tokenizer) for r in records]
-    completions = generate(model, tokenizer, prompts, scale.eval_batch_size, scale.max_new_tokens)
+    completions = generate(
+        model,
+        tokenizer,
+        prompts,
+        scale.eval_batch_size,
+        scale.max_new_tokens,
+        add_special_tokens=False,  # the chat template holds them
+        progress=False,
+    )
     tokenizer.padding_side = "right"
     return sum(gsm8k_exact_match(c, r) for c, r in zip(completions, records)) / len(records), completions
 
@@ -361,7 +369,9 @@ def run_one(
         data_cfg = DataConfig(format=fmt, prompt="chat", max_length=scale.max_length)  # type: ignore[arg-type]
         train_set, report = build_train_dataset(data["train"], tokenizer, data_cfg)
         row["train_records"] = {"kept": report.kept, "skipped": dict(report.skipped)}
-        model = apply_method(model, MethodConfig(name=method.name, r=method.r or 8))  # type: ignore[arg-type]
+        model = apply_method(
+            model, MethodConfig(name=method.name, fields={"r": method.r} if method.r else {})
+        )
         trainer = Trainer(
             model=model,
             args=TrainingArguments(

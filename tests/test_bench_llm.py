@@ -244,3 +244,42 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
     assert new["config"]["setup"] == old["setup"] and new["summary"][0]["method"] == "base"
     table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
     assert "Git abcdef12, old cpu" in table and "| base | 50.0 ± 0.0 |" in table
+
+
+@pytest.mark.parametrize(
+    ("task", "key"), [("commonsense", "osora-r32"), ("gsm8k", "lora-r8"), ("commonsense", "base")]
+)
+def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
+    from osora.app.data import word_level_tokenizer
+
+    model, _ = _tiny_lm_and_tokenizer()
+    gsm = {"question": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7\n#### 7"}
+    tokenizer = word_level_tokenizer(
+        [ARC["instruction"], ARC["output"], BOOLQ["instruction"], gsm["question"]]
+    )
+    tokenizer.add_tokens(
+        ["####", "user", "assistant", "answer1", "answer3", "false", "plus", "is", "7", "3", "4"]
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
+    )
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    args = llm.parse_args(
+        ["--task", task, "--model", str(tmp_path / "model"), "--work-dir", str(tmp_path / "w")]
+    )
+    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2)
+    if task == "commonsense":
+        data = {"train": [ARC, BOOLQ] * 2, "select": [ARC], "test": {"arc_e": [ARC, ARC], "boolq": [BOOLQ]}}
+    else:
+        data = {"train": [gsm] * 4, "select": [gsm], "test": {"gsm8k": [gsm, gsm]}}
+    row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
+    assert row["steps"] == (0 if key == "base" else 2)
+    assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
+    assert 0.0 <= row["test_acc"][next(iter(data["test"]))] <= 1.0
+    if task == "gsm8k":
+        assert row["test_nll"] > 0 and len(row["completion_samples"]) == 2
+    else:
+        assert set(row["test_acc"]) == {"arc_e", "boolq", "average"}

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from osora.app.provenance import BenchmarkRecord, write_result
+from osora.app.provenance import BenchmarkRecord, provenance, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
@@ -648,8 +648,13 @@ def as_record(report: dict[str, Any]) -> dict[str, Any]:
         "benchmark": "llm",
         "command": old["command"],
         "config": {**config, "protocol": old["protocol"]},
-        "provenance": {"git": old["git"], **old["environment"]},
-        "wall_s": None,
+        # this machine and venv as now, with the git state and date of the invocation that wrote the runs
+        "provenance": {
+            **provenance(),
+            "git": old["git"],
+            "date_utc": max((r["finished_at"] for r in old["runs"]), default=None),
+        },
+        "wall_s": sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in old["runs"]),
         "peak_memory_bytes": max((r["peak_memory_bytes"] for r in old["runs"]), default=0),
         **{k: old[k] for k in ("task", "output_json", "runs", "summary") if k in old},
     }

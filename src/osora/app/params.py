@@ -1,23 +1,32 @@
-"""``osora params MODEL_OR_CONFIG``: trainable parameters vs rank for LoRA, VeRA and OSoRA (the paper's Figure 1).
+"""``osora params MODEL_OR_CONFIG``: trainable parameters vs rank for LoRA, VeRA and OSoRA (the paper's Figure 1),
+and the one parameter counter of the application.
 
-Counts come from the model's config alone: the model is built on the meta device (no weights, no memory), and
-every ``nn.Linear`` the adapter would target contributes
+Counts come from the model's config alone: the model is built on the meta device (no weights, no memory), each
+method's PEFT config (from :mod:`osora.app.methods`) picks its modules with peft's own target matching
+(``all-linear`` expanded as peft does, ``nn.Linear`` and transformers' ``Conv1D`` alike), and every adapted
+(d_out × d_in) weight contributes
 
-- LoRA: r·(d_in + d_out)  (A is r × d_in, B is d_out × r);
+- LoRA: r·(d_in + d_out)  (A is r × d_in, B is d_out × r; DoRA adds its magnitude, d_out);
 - VeRA: d_out + r          (the scaling vectors b and d; the random projections are frozen and shared);
-- OSoRA: d_out + min(r, d_in, d_out)  (O and S; U, σ, V are frozen buffers).
+- OSoRA: len(O) + min(r, d_in, d_out)  (O and S; U, σ, V are frozen buffers), len(O) = d_out, or d_in with
+  ``o_dim="input"``.
+
+:func:`count_parameters` counts a built model (peft's own count for a PEFT model); ``osora train``, the demo and
+the benchmarks print and record that one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .methods import get_method, peft_config
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -59,41 +68,101 @@ def load_model_config(source: str):  # -> transformers.PretrainedConfig
     return _from_pretrained(AutoConfig, resolve(source))
 
 
-def adapted_matrices(model_config, target_modules: list[str] | str | None = None) -> list[Matrix]:
-    """The linear layers an adapter with ``target_modules`` (None: osora's default for the architecture) adapts."""
-    from transformers import AutoModelForCausalLM
-
+def default_targets(model_type: str) -> list[str] | str:
+    """OSoRA's default target modules for an architecture (``osora.DEFAULT_TARGET_MODULES``), else all linears."""
     from osora.config import DEFAULT_TARGET_MODULES
 
-    if target_modules is None:
-        target_modules = DEFAULT_TARGET_MODULES[model_config.model_type]
+    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+
+
+def meta_model(model_config: Any) -> nn.Module:
+    """The causal LM of ``model_config`` on the meta device: its modules and shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def adapted_matrices(model: nn.Module, config: Any) -> list[Matrix]:
+    """The weights PEFT config ``config`` adapts in ``model``, found with peft's own target matching.
+
+    Raises:
+        ValueError: A matched module is not an ``nn.Linear`` or ``Conv1D`` (not counted here).
+    """
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    config = _maybe_include_all_linear_layers(config, model)
     matrices = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not name or not check_target_module_exists(config, name):
             continue
-        if isinstance(target_modules, str):
-            hit = re.fullmatch(target_modules, name) is not None
-        else:
-            hit = any(name == t or name.endswith(f".{t}") for t in target_modules)
-        if hit:
+        if isinstance(module, nn.Linear):
             matrices.append(Matrix(name, module.in_features, module.out_features))
+        elif isinstance(module, Conv1D):  # weight stored (d_in, d_out)
+            matrices.append(Matrix(name, module.weight.shape[0], module.weight.shape[1]))
+        else:
+            raise ValueError(f"module '{name}' is a {type(module).__name__}; only linear layers are counted")
     return matrices
 
 
-def trainable_params(matrices: list[Matrix], r: int) -> dict[str, int]:
-    """Trainable parameter counts of LoRA, VeRA and OSoRA at rank ``r`` over ``matrices``."""
-    return {
-        "lora": sum(r * (m.d_in + m.d_out) for m in matrices),
-        "vera": sum(m.d_out + r for m in matrices),
-        "osora": sum(m.d_out + min(r, m.d_in, m.d_out) for m in matrices),
-    }
+def trainable_params(config: Any, matrices: list[Matrix]) -> int:
+    """Trainable parameters of PEFT config ``config`` (OSoRA, LoRA or VeRA) over ``matrices``."""
+    import peft
+
+    import osora
+
+    if isinstance(config, osora.OSoRAConfig):
+        total = 0
+        for m in matrices:
+            s = min(config.r, m.d_in, m.d_out)
+            o = m.d_out if config.o_dim == "output" else m.d_in
+            total += {"both": s + o, "S": s, "O": o}[config.trainable]
+        return total
+    if isinstance(config, peft.LoraConfig):
+        return sum(config.r * (m.d_in + m.d_out) + (m.d_out if config.use_dora else 0) for m in matrices)
+    if isinstance(config, peft.VeraConfig):
+        return sum(m.d_out + config.r for m in matrices)
+    raise TypeError(f"cannot count the trainable parameters of a {type(config).__name__}")
 
 
-def table(matrices: list[Matrix], ranks: list[int]) -> list[dict[str, int]]:
-    """One row per rank: ``{"r", "lora", "vera", "osora"}``."""
-    return [{"r": r, **trainable_params(matrices, r)} for r in ranks]
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of a built model; for a PEFT model as peft counts them."""
+    peft_count = getattr(model, "get_nb_trainable_parameters", None)
+    if callable(peft_count):
+        return peft_count()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+#: The methods of the figure, by the name of their column.
+FIGURE_METHODS = ("lora", "vera", "osora")
+
+
+def table(
+    model: nn.Module, ranks: list[int], targets: list[str] | str | None = None, **osora_fields: Any
+) -> tuple[list[Matrix], list[dict[str, int]]]:
+    """The adapted matrices, and one row per rank: ``{"r", "lora", "vera", "osora"}``.
+
+    ``targets``: module names or a regex (None: :func:`default_targets`); ``osora_fields`` go to OSoRAConfig
+    (e.g. ``o_dim="input"``).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    targets = targets if targets is not None else default_targets(model_type)
+
+    def config(name: str, r: int) -> Any:
+        extra = osora_fields if get_method(name).family == "osora" else {}
+        # a copy of a list: peft turns target_modules into a set in place
+        return peft_config(
+            name, r=r, target_modules=targets if isinstance(targets, str) else list(targets), **extra
+        )
+
+    matrices = {name: adapted_matrices(model, config(name, 1)) for name in FIGURE_METHODS}
+    rows = [
+        {"r": r, **{name: trainable_params(config(name, r), matrices[name]) for name in FIGURE_METHODS}}
+        for r in ranks
+    ]
+    return matrices["osora"], rows
 
 
 def plot(rows: list[dict[str, int]], title: str, png: Path) -> None:
@@ -125,7 +194,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", help="config.json, model dir, hub id, or an osora train YAML")
     parser.add_argument("--ranks", type=int, nargs="+", default=DEFAULT_RANKS, help="ranks to tabulate")
     parser.add_argument(
-        "--targets", nargs="+", default=None, help="module names to adapt (default: all linears)"
+        "--targets",
+        nargs="+",
+        default=None,
+        help="module names to adapt (default: OSoRA's defaults for the architecture, else all linears)",
+    )
+    parser.add_argument(
+        "--o-dim", choices=["output", "input"], default="output", help="the dimension OSoRA's O scales"
     )
     parser.add_argument(
         "--png", type=Path, default=Path("params_vs_rank.png"), help="where to write the plot"
@@ -133,9 +208,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
 
-    model_config = load_model_config(args.source)
-    matrices = adapted_matrices(model_config, args.targets)
-    rows = table(matrices, args.ranks)
+    model = meta_model(load_model_config(args.source))
+    matrices, rows = table(model, args.ranks, args.targets, o_dim=args.o_dim)
     total = sum(m.d_in * m.d_out for m in matrices)
     print(f"{args.source}: {len(matrices)} adapted matrices, {total:,} weights in them")
     print(f"{'r':>5} {'LoRA':>15} {'VeRA':>12} {'OSoRA':>12}")
@@ -144,5 +218,5 @@ def main(argv: list[str]) -> int:
     plot(rows, f"{Path(args.source).stem}: trainable parameters vs rank", args.png)
     print(f"plot: {args.png}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"source": args.source, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"source": args.source, "o_dim": args.o_dim, "rows": rows}, indent=2))
     return 0

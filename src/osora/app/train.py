@@ -17,9 +17,8 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -33,6 +32,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
+from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
 
@@ -93,125 +93,31 @@ def _default_targets(model: Any) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
 
 
-def _osora(trainable: str) -> Callable[[MethodConfig, Any], Any]:
-    def build(m: MethodConfig, targets: Any) -> Any:
-        from osora import OSoRAConfig
-
-        return OSoRAConfig(
-            r=m.r,
-            target_modules=targets,
-            dropout=m.dropout,
-            trainable=trainable,  # type: ignore[arg-type]
-            o_dim=m.o_dim,
-            s_parametrization=m.s_parametrization,
-            task_type="CAUSAL_LM",
-        )
-
-    return build
-
-
-def _lora(**extra: Any) -> Callable[[MethodConfig, Any], Any]:
-    def build(m: MethodConfig, targets: Any) -> Any:
-        from peft import LoraConfig
-
-        alpha = m.lora_alpha if m.lora_alpha is not None else m.r
-        return LoraConfig(
-            r=m.r,
-            lora_alpha=cast(int, alpha),  # peft annotates int but scales by any number
-            lora_dropout=m.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-            **extra,
-        )
-
-    return build
-
-
-def _vera(m: MethodConfig, targets: Any) -> Any:
-    from peft import VeraConfig
-
-    return VeraConfig(
-        r=m.r,
-        target_modules=targets,
-        vera_dropout=m.dropout,
-        d_initial=m.vera_d_initial,
-        task_type="CAUSAL_LM",
-    )
-
-
-#: method name -> builder of its PEFT config (``full`` has none: every weight trains).
-PEFT_CONFIGS: dict[str, Callable[[MethodConfig, Any], Any]] = {
-    "osora": _osora("both"),
-    "osora_s": _osora("S"),
-    "osora_o": _osora("O"),
-    "lora": _lora(),
-    "pissa": _lora(init_lora_weights="pissa"),
-    "dora": _lora(use_dora=True),
-    "vera": _vera,
-}
-
-
 def apply_method(model: Any, method: MethodConfig):
     """``model`` wrapped by the method's PEFT adapter (or returned as is, all weights trainable, for ``full``)."""
-    if method.name == "full":
+    config = method.peft_config(_default_targets(model))
+    if config is None:
         return model
     from peft import get_peft_model
 
-    import osora  # noqa: F401  (registers OSoRA with peft)
-
-    targets = method.target_modules if method.target_modules is not None else _default_targets(model)
-    return get_peft_model(model, PEFT_CONFIGS[method.name](method, targets))
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; for PEFT models as peft counts them."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return get_peft_model(model, config)
 
 
 def training_arguments(cfg: RunConfig):
-    """transformers ``TrainingArguments`` from the ``training`` section."""
+    """transformers ``TrainingArguments`` of the ``training`` section (osora's defaults, then the config's keys).
+
+    Raises:
+        ConfigError: a value TrainingArguments refuses.
+    """
     from transformers import TrainingArguments
 
-    t = cfg.training
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; 4.x only knows the old name
-    fields = TrainingArguments.__dataclass_fields__
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    checkpointing: dict[str, Any] = {
-        ckpt: t.gradient_checkpointing,
-        f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
-    }
-    fsdp: dict[str, Any] = {"fsdp": t.fsdp} if t.fsdp else {}
-    return TrainingArguments(
-        output_dir=t.output_dir,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        **checkpointing,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=t.report_to,
-        seed=t.seed,
-        use_cpu=t.use_cpu,
-        ddp_backend=t.ddp_backend,
-        deepspeed=t.deepspeed,
-        **fsdp,
-        dataloader_num_workers=t.dataloader_num_workers,
-        disable_tqdm=t.disable_tqdm,
-        ddp_find_unused_parameters=False,
-    )
+    arguments = cfg.training.arguments()
+    if arguments.get("activation_checkpointing") or arguments.get("gradient_checkpointing"):
+        arguments.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    try:
+        return TrainingArguments(**arguments)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"training settings: {error}") from error
 
 
 def validate(cfg: RunConfig) -> None:
@@ -228,15 +134,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.from_config is not None and "model_type" not in cfg.model.from_config:
         raise ConfigError("model.from_config needs a 'model_type' (e.g. llama)")
-    if cfg.method.name == "full":
-        return
-    import osora  # noqa: F401  (registers OSoRA with peft)
-
-    targets = cfg.method.target_modules if cfg.method.target_modules is not None else "all-linear"
-    try:
-        PEFT_CONFIGS[cfg.method.name](cfg.method, targets)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"method settings ({cfg.method.name}): {error}") from error
+    cfg.method.peft_config("all-linear")
 
 
 def run(cfg: RunConfig, callbacks: list[Any] | None = None):
@@ -278,7 +176,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
         # peft records it as the adapter's base_model_name_or_path, so eval/merge/export find the base
         model.config.name_or_path = model.name_or_path = str(base_dir.resolve())
     model = apply_method(model, cfg.method)
-    if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+    if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     if args.process_index == 0:

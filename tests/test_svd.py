@@ -351,3 +351,14 @@ def test_default_method_accuracy_on_minilm(r: int) -> None:
         worst_sub, worst_sigma = min(worst_sub, sub), max(worst_sigma, err)
     assert worst_sub >= 0.99, f"r={r}: worst subspace agreement {worst_sub:.5f}"
     assert worst_sigma <= 1e-3, f"r={r}: worst relative singular-value error {worst_sigma:.2e}"
+
+
+@pytest.mark.parametrize("decay", [0.35, 3.0])  # σ_r ≥ 0.1 σ₁: from the Gram matrix; steeper: the full SVD
+def test_exact_matches_the_known_factors(decay: float) -> None:
+    sigma = torch.arange(1, 97, dtype=torch.float64) ** -decay
+    W, U, _, V = known_spectrum(96, 160, sigma)
+    W = torch.stack([W, W.T.contiguous().T])  # the same matrix twice: both orientations of the batch agree
+    for f in osora.svd.exact_svd(W, 8) + osora.svd.exact_svd(W.mT, 8):
+        A, B = (f.U, f.Vh.T) if f.U.shape[0] == 96 else (f.Vh.T, f.U)
+        assert min(agreement(U[:, :8], A), agreement(V[:, :8], B)) >= 1 - 1e-6
+        assert float(((f.sigma.double() - sigma[:8]).abs() / sigma[:8]).max()) <= 1e-5

@@ -7,13 +7,14 @@ stacked with others (``tests/test_factors.py`` checks this), which compact adapt
 
 Two methods, chosen per shape:
 
-- ``"exact"``: the full SVD (torch.linalg.svd, batched), truncated. O(m n min(m, n)).
+- ``"exact"``: the top r of the exact SVD, from the eigendecomposition of the smaller Gram matrix W Wᵀ or WᵀW
+  (the full torch.linalg.svd where the top r singular values span more than a factor 10). O(m n min(m, n)).
 - ``"randomized"``: block Krylov iteration on a seeded Gaussian sketch (Halko, Martinsson & Tropp 2011, §4.4;
   Musco & Musco 2015) with Rayleigh–Ritz extraction. With A = W oriented so that m ≤ n, Ω (n, k) Gaussian,
   k = r + oversample: Q₀ = orth(A Ω), Q_j = orth((I − P) A Aᵀ Q_{j−1}) against all earlier blocks, and the
   top-r triplets of A restricted to span(Q₀ … Q_q). A Krylov basis keeps every block, where plain subspace
   iteration keeps only the last: on the slowly decaying spectra of pretrained weights it reaches a given
-  accuracy in far fewer products with W (SmolLM2-135M's matrices, r=32: 2–3 blocks instead of 16 iterations).
+  accuracy in far fewer products with W (SmolLM2-135M's matrices, r=32: 3–6 blocks instead of 16 iterations).
   O(m n k (2q + 3)) plus the QRs and a small (K × K, K = k(q + 1)) eigenproblem. The products with W, nearly
   all of the work, run in the spec's ``sketch_dtype``: in bfloat16 (the default where the hardware has it: CUDA,
   CPUs with AVX-512 BF16 or AMX, 3–5× the float32 throughput) the basis only has to span the top singular
@@ -52,15 +53,19 @@ import torch
 InitMethod = Literal["randomized", "exact"]
 SketchDtype = Literal["auto", "bfloat16", "float32"]
 
-#: Time of the exact SVD of an (m, n) matrix divided by that of an (m, n) × (n, min(m, n)) matrix product, both
-#: float32 on one CPU thread. Measured 7–9 for 192 × 576 … 4096² on the 2-core development machine with
-#: ``python benchmarks/init_cost.py --calibrate`` (which prints the ratio per shape); the cost model needs its
-#: order of magnitude only, as the two costs differ by a factor of min(m, n) / (k (2q + 2)).
-EXACT_COST_RATIO = 8.0
+#: Time of the eigendecomposition of an (m, m) Gram matrix divided by that of an (m, m) × (m, m) matrix product,
+#: float32 on one CPU thread: 2.6–3.3 for SmolLM2's 576-wide weights on the 2-core development machine (under
+#: load; ``python benchmarks/init_cost.py --calibrate`` prints the ratios per shape). The cost model needs its
+#: order of magnitude only.
+EIGH_COST_RATIO = 3.0
 
 #: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured
 #: 0.2–0.35 on the development machine's AMD EPYC (AVX-512 BF16, oneDNN) for 576 × 1536 … 4096 × 11008.
 BFLOAT16_PASS_COST = 0.35
+
+#: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
+#: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
+GRAM_MIN_RATIO = 0.1
 
 
 class SVDSpecError(ValueError):
@@ -199,11 +204,11 @@ def subspace_agreement(A: torch.Tensor, B: torch.Tensor) -> float:
 def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.device | None = None) -> bool:
     """True when the exact SVD of a (m, n) weight is predicted to be cheaper than the randomized method.
 
-    Both costs in units of one multiply-add of a float32 matrix product: the exact SVD costs
-    ``EXACT_COST_RATIO`` · m n min(m, n); the randomized method m n k (2q + 3) for the sketch and the q Krylov
-    steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32 refinement),
-    plus min(m, n) K² for the orthogonalisations (K = k(q + 1)). q is ``power_iters``; the adaptive extra blocks
-    are not predicted.
+    Both costs in units of one multiply-add of a float32 matrix product: the exact SVD m² n for the Gram matrix
+    plus ``EIGH_COST_RATIO`` · m³ for its eigendecomposition (m ≤ n); the randomized method m n k (2q + 3) for
+    the sketch and the q Krylov steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for
+    the float32 refinement), plus m K² for the orthogonalisations (K = k(q + 1)). q is ``power_iters``; the
+    adaptive extra blocks are not predicted.
     """
     m, n = sorted(shape)  # m ≤ n
     k = spec.block_width(r)
@@ -213,17 +218,37 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
     passes = m * n * k * (2 * spec.power_iters + 3)
     if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
         passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
-    return EXACT_COST_RATIO * m * n * m <= passes + m * width * width
+    return m * m * n + EIGH_COST_RATIO * m**3 <= passes + m * width * width
 
 
 def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
-    """Full float32 SVD of each (m, n) matrix of W (B, m, n), truncated to the top r triplets."""
-    U, sigma, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-    U, Vh = canonicalize_signs(U[..., :r], Vh[..., :r, :])
+    """Exact top-r float32 SVD of each (m, n) matrix of W (B, m, n).
+
+    From the eigendecomposition of the smaller Gram matrix A Aᵀ (A = W oriented so that m ≤ n): one product with
+    W and an (m, m) eigenproblem instead of the full SVD, 2–4× faster for SmolLM2's 576-wide weights on the
+    development CPU. Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ, so a matrix whose σ_r is below
+    ``GRAM_MIN_RATIO`` σ₁ gets the full SVD (torch.linalg.svd) instead.
+    """
+    A = W.detach().float()
+    transposed = A.shape[-2] > A.shape[-1]
+    if transposed:
+        A = A.mT
+    evals, evecs = torch.linalg.eigh(A @ A.mT)  # ascending, (B, m), (B, m, m)
+    sigma = evals.flip(-1)[..., :r].clamp_min(0).sqrt()  # (B, r)
+    U = evecs.flip(-1)[..., :r]  # (B, m, r)
+    Vh = (U.mT @ A) / sigma.clamp_min(torch.finfo(sigma.dtype).tiny).unsqueeze(-1)  # (B, r, n)
+    if transposed:
+        U, Vh = Vh.mT, U.mT
+    squared_ok = sigma[..., -1] >= GRAM_MIN_RATIO * sigma[..., 0]  # (B,)
+    if not bool(squared_ok.all()):
+        bad = (~squared_ok).nonzero().flatten()
+        Uf, sf, Vhf = torch.linalg.svd(W[bad].float(), full_matrices=False)
+        U, sigma, Vh = U.clone(), sigma.clone(), Vh.clone()
+        U[bad], sigma[bad], Vh[bad] = Uf[..., :r], sf[..., :r], Vhf[..., :r, :]
+    U, Vh = canonicalize_signs(U, Vh)
     exact = SVDAccuracy(0.0, 1.0, 0)
     return [
-        SVDFactors(U[b].contiguous(), sigma[b, :r].contiguous(), Vh[b].contiguous(), exact)
-        for b in range(len(W))
+        SVDFactors(U[b].contiguous(), sigma[b].contiguous(), Vh[b].contiguous(), exact) for b in range(len(W))
     ]
 
 

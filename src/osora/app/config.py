@@ -80,7 +80,10 @@ class ModelConfig:
 class DataConfig:
     """The fine-tuning data and how each record becomes a prompt and a response."""
 
-    path: str | None = _help(None, "Local .json/.jsonl file or a hub dataset id.")
+    path: str | list[str] | None = _help(
+        None,
+        "Local .json/.jsonl file or a hub dataset id; a list of them is concatenated (max_samples caps each).",
+    )
     name: str | None = _help(None, "Dataset config name for hub datasets (e.g. 'main' for gsm8k).")
     split: str = _help("train", "Split to load from a hub dataset (local files are one 'train' split).")
     format: DataFormat = _help(

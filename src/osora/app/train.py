@@ -32,6 +32,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
+from .models import load_causal_lm, load_tokenizer
 from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
@@ -43,8 +44,6 @@ BASE_MODEL_DIR = (
 
 def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
     """The tokenizer of ``model_cfg``, or one trained on ``records`` when ``model.tokenizer_from_data``."""
-    from transformers import AutoTokenizer
-
     if model_cfg.tokenizer_from_data:
         if records is None or len(records) == 0:
             raise ValueError("model.tokenizer_from_data needs training records")
@@ -53,8 +52,8 @@ def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
         source = model_cfg.tokenizer or model_cfg.name_or_path
         if source is None:
             raise ValueError("set model.tokenizer or model.name_or_path (or model.tokenizer_from_data=true)")
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-    if tokenizer.pad_token is None:  # Llama-3 and others ship without one; padding is masked anyway
+        return load_tokenizer(source, model_cfg.trust_remote_code)  # sets the pad token where there is none
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -80,11 +79,14 @@ def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
         return model
     if model_cfg.name_or_path is None:
         raise ValueError("set model.name_or_path or model.from_config")
-    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
-    kwargs["dtype"] = _DTYPES.get(model_cfg.dtype, "auto")
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    model, _ = load_causal_lm(  # a short name, a folder, a .gguf file or a hub id
+        model_cfg.name_or_path,
+        model_cfg.dtype,
+        model_cfg.trust_remote_code,
+        model_cfg.attn_implementation,
+        with_tokenizer=False,
+    )
+    return model
 
 
 def _default_targets(model: Any) -> list[str] | str:
@@ -158,7 +160,8 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
     )
     PartialState().wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.training.seed)
-    records = load_split(str(cfg.data.path), cfg.data.name, cfg.data.split, cfg.data.max_samples)
+    assert cfg.data.path is not None  # validate() refused a config without one
+    records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
     tokenizer = build_tokenizer(cfg.model, records)
     tokenizer.padding_side = "right"
     train_dataset, report = build_train_dataset(records, tokenizer, cfg.data)

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -40,8 +39,6 @@ from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("osora", "lora", "vera")
-#: Also accepted by --methods: OSoRA trained through plain autograd (osora.autograd.plain_path), for comparison.
-PLAIN = "osora_plain"
 
 
 def opt(default: Any, help: str) -> Any:
@@ -55,8 +52,7 @@ class Setup:
     """What one run measures; each field is a CLI flag whose help is its metadata."""
 
     ranks: list[int] = opt([8, 32, 128], "adapter ranks")
-    methods: list[str] = opt(list(METHODS), f"adapters beside the base model: {', '.join(METHODS)}, {PLAIN}")
-    plain_ranks: list[int] = opt([32], f"the ranks at which {PLAIN} runs, if in --methods")
+    methods: list[str] = opt(list(METHODS), f"adapters beside the base model: {', '.join(METHODS)}")
     reps: int = opt(3, "timed steps per configuration")
     warmup: int = opt(1, "untimed steps before them (the first also counts the bytes saved for backward)")
     infer_reps: int = opt(2, "timed no-grad forwards, unmerged and merged")
@@ -90,17 +86,8 @@ def build_model(setup: Setup, method: str, r: int) -> Any:
     model.requires_grad_(False)
     if method == "base":
         return model
-    name = method.removesuffix("_plain")
-    extra = {"lora_alpha": r} if name == "lora" else {}
-    return get_peft_model(model, peft_config(name, r=r, target_modules=list(TARGETS), **extra))
-
-
-def worker(setup: Setup, method: str, r: int) -> dict[str, Any]:
-    """Measure one configuration in this (fresh) process."""
-    import osora.autograd
-
-    with osora.autograd.plain_path() if method == PLAIN else contextlib.nullcontext():
-        return measure(setup, method, r)
+    extra = {"lora_alpha": r} if method == "lora" else {}
+    return get_peft_model(model, peft_config(method, r=r, target_modules=list(TARGETS), **extra))
 
 
 def measure(setup: Setup, method: str, r: int) -> dict[str, Any]:
@@ -288,7 +275,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         st, method, r = json.loads(args.worker)
-        print(json.dumps(worker(Setup(**st), method, r)))
+        print(json.dumps(measure(Setup(**st), method, r)))
         return
     args.out = args.out or HERE / "results" / f"step_cost{'_quick' if args.quick else ''}.json"
     args.markdown = args.markdown or (None if args.quick else HERE / "README_step_cost.md")
@@ -307,9 +294,7 @@ def main() -> None:
         setup.device = "cuda" if torch.cuda.is_available() else "cpu"
     command = " ".join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
     record = BenchmarkRecord("step_cost", asdict(setup), command=command)
-    configs = [("base", 0)] + [
-        (m, r) for r in setup.ranks for m in setup.methods if m != PLAIN or r in setup.plain_ranks
-    ]
+    configs = [("base", 0)] + [(m, r) for r in setup.ranks for m in setup.methods]
     rows = []
     for method, r in configs:
         rows.append(run_worker(setup, method, r))

@@ -15,6 +15,9 @@ versions, hardware, wall time, every run), ``glue_<task>.png`` (dev accuracy vs 
 ``benchmarks/README_glue.md`` (the table generated from the JSON). The JSON is rewritten after every run, so an
 interrupted benchmark still leaves its measurements.
 
+A smoke run (``--quick``: head and OSoRA on 64 training rows, one seed and rate) writes to
+``$TMPDIR/osora-bench-quick``, never to the committed results.
+
 Example (SST-2, MiniLM-L6, all 8 methods, 3-point grid, 2 seeds: 36 minutes on 2 shared CPU cores):
     python benchmarks/glue.py --data-dir ../shared/data/sst2 --train-size 2000 --seeds 0 1
 """
@@ -27,6 +30,7 @@ import math
 import random
 import statistics
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -312,9 +316,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="earlier result files: a run with the same method, rate, seed and training setup is taken from them "
         "instead of trained again (training is deterministic given the seed), e.g. to widen a grid",
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--readme", default=str(ROOT / "benchmarks" / "README_glue.md"))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: head and osora, 64 train / 32 selection / 64 dev rows, one seed and rate, written to "
+        "$TMPDIR/osora-bench-quick (never to the committed results)",
+    )
+    p.add_argument(
+        "--out", help="result folder (default: the committed benchmarks/results; --quick: $TMPDIR)"
+    )
+    p.add_argument("--readme", help="table (default: the committed benchmarks/README_glue.md, or in --out)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.methods, args.seeds, args.grid_points = ["head", "osora"], [0], 1
+        args.train_size, args.select_size, args.dev_size = 64, 32, 64
+    quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+    args.out = args.out or str(quick_dir if args.quick else ROOT / "benchmarks" / "results")
+    committed = Path(args.out).resolve() == (ROOT / "benchmarks" / "results").resolve()
+    readme = ROOT / "benchmarks" / "README_glue.md" if committed else Path(args.out) / "README_glue.md"
+    args.readme = args.readme or str(readme)
     if args.render:
         return args
     if args.model is None:

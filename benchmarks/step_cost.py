@@ -16,7 +16,7 @@ mmap threshold, so freed tensors go back to the OS and RSS follows live memory i
 Usage::
 
     python benchmarks/step_cost.py                        # full run, ~10 min on 2 CPU cores
-    python benchmarks/step_cost.py --quick                # smoke test: 2 blocks, r=32, 1 rep
+    python benchmarks/step_cost.py --quick                # smoke test: 2 blocks, r=32, 1 rep, to $TMPDIR
     python benchmarks/step_cost.py --ranks 32 --reps 5
     python benchmarks/step_cost.py --markdown-only        # rewrite the README table from the JSON
 """
@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -259,7 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``--out``/``--markdown`` resolved (a ``--quick`` run writes under $TMPDIR)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Setup):
         default = getattr(Setup(), f.name)
@@ -268,17 +270,30 @@ def main() -> None:
         flag = f"--{f.name.replace('_', '-')}"
         p.add_argument(flag, type=kind, nargs=nargs, help=f"{f.metadata['help']} (default: {default})")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 blocks, r=32, 1 rep, no warm-up step")
-    p.add_argument("--out", type=Path, help="result JSON (default results/step_cost.json, *_quick.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="result JSON (default: the committed results/step_cost.json; --quick: $TMPDIR)",
+    )
     p.add_argument("--markdown", type=Path, help="table (default README_step_cost.md; none with --quick)")
     p.add_argument("--markdown-only", action="store_true", help="only regenerate --markdown from --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    # a smoke run never writes into the committed results (CI checks that the README matches them)
+    quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+    args.out = args.out or (
+        quick_dir / "step_cost.json" if args.quick else HERE / "results" / "step_cost.json"
+    )
+    args.markdown = args.markdown or (None if args.quick else HERE / "README_step_cost.md")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         st, method, r = json.loads(args.worker)
         print(json.dumps(measure(Setup(**st), method, r)))
         return
-    args.out = args.out or HERE / "results" / f"step_cost{'_quick' if args.quick else ''}.json"
-    args.markdown = args.markdown or (None if args.quick else HERE / "README_step_cost.md")
     if args.markdown_only:
         args.markdown.write_text(markdown(json.loads(args.out.read_text())))
         return

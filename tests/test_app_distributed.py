@@ -41,15 +41,14 @@ RANK_SCRIPT = textwrap.dedent(
 def test_two_process_gloo_run_has_identical_adapters(tmp_path: Path) -> None:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
+        "--standalone",  # a free port: a fixed one fails while another test run (or helper) holds it
         str(script),
         str(tmp_path),
         str(CONFIG),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from osora.app import classify as C
-from osora.app import demo
+from osora.app import encoder_demo as demo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,40 @@ def test_quick_run_writes_to_a_temporary_folder(tmp_path: Path, monkeypatch: pyt
     assert _digest(COMMITTED) == before
     written = tmp_path / "osora-bench-quick"
     assert {p.name for p in written.iterdir()} == {"svd_init.json", "svd_init.png", "README_svd_init.md"}
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_cost_quick_writes_under_tmpdir_and_a_full_run_to_the_committed_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load("step_cost")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    quick = bench.parse_args(["--quick"])
+    assert quick.out == tmp_path / "osora-bench-quick" / "step_cost.json" and quick.markdown is None
+    full = bench.parse_args([])
+    assert full.out == ROOT / "benchmarks" / "results" / "step_cost.json"
+    assert full.markdown == ROOT / "benchmarks" / "README_step_cost.md"
+
+
+def test_glue_quick_writes_under_tmpdir_and_a_full_run_to_the_committed_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load("glue")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    quick = bench.parse_args(["--data-dir", "sst2", "--model", "m", "--quick"])
+    assert Path(quick.out) == tmp_path / "osora-bench-quick"
+    assert Path(quick.readme) == tmp_path / "osora-bench-quick" / "README_glue.md"
+    assert (quick.train_size, quick.seeds, quick.grid_points) == (64, [0], 1)
+    full = bench.parse_args(["--data-dir", "sst2", "--model", "m"])
+    assert Path(full.out) == ROOT / "benchmarks" / "results"
+    assert Path(full.readme) == ROOT / "benchmarks" / "README_glue.md"
+    elsewhere = bench.parse_args(["--data-dir", "sst2", "--model", "m", "--out", str(tmp_path / "x")])
+    assert Path(elsewhere.readme) == tmp_path / "x" / "README_glue.md"

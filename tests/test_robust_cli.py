@@ -197,3 +197,16 @@ def test_the_real_command_prints_no_traceback(tmp_path: Path) -> None:
         "(run with --debug for the traceback)",
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import osora.app.params
+
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(osora.app.params, "main", interrupted)
+    assert main(["params", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "osora params: interrupted"

@@ -1,6 +1,7 @@
-"""``kill -9`` an ``osora train`` run at random moments and inside every file of a checkpoint save and of the final
-save, restarting it each time with the same command: every restart resumes from the newest complete checkpoint, no
-incomplete checkpoint ever appears, and the run ends with a complete adapter equal to the uninterrupted run's.
+"""Ctrl-C an ``osora train`` run, then ``kill -9`` it at random moments and inside every file write and rename of a
+checkpoint save and of the final save, restarting it each time with the same command: Ctrl-C leaves a complete
+adapter, every restart resumes from the newest complete checkpoint, no incomplete checkpoint ever appears, and the
+run ends with a complete adapter equal to the uninterrupted run's.
 
 Each restart is a fresh process (~10-20 s on 2 shared cores), so the loop is ``slow``; the in-process cases of
 ``test_robust_train.py`` (a crash inside a save, a signal, exact resume) stay in the default suite.
@@ -27,29 +28,38 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
 MAX_STEPS = 6
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 600
+# Writes and renames of one checkpoint save (adapter, its config and README, tokenizer files, training_args.bin,
+# optimizer, scheduler, RNG state, trainer_state.json, the rename) and of the final save (files, then renames);
+# counted from the "save event" lines of a run that kills nothing (KILL_AT=...:999); a higher N hits a later save
+CHECKPOINT_EVENTS = 10
+FINAL_EVENTS = 11
 
-# The child: osora train, optionally killing itself (SIGKILL) at the N-th file write (or rename) of a checkpoint
-# save ("checkpoint:N") or of the final save ("final:N"), leaving a partial file as a kill mid-write does.
+# The child: osora train, optionally killing itself (SIGKILL) at the N-th file write or rename of a checkpoint save
+# ("checkpoint:N") or of the final save ("final:N"), leaving a partial file as a kill mid-write does. Every file
+# opened for writing (json files), every torch.save, every safetensors write and every os.replace counts (only the
+# tokenizer.json that the Rust tokenizers library writes itself is not intercepted).
 DRIVER = textwrap.dedent(
     """
-    import os, signal, sys
+    import builtins, os, signal, sys
     from pathlib import Path
 
     spec = os.environ.get("KILL_AT", "")
     if spec:
         import peft.peft_model, safetensors.torch, torch
-        from transformers import TrainerState
 
         where, n = spec.split(":")
         marker, count = {"checkpoint": ".checkpoint-", "final": ".final.tmp"}[where], [0]
+        real_open = builtins.open
 
         def hit(path, partial=True):
             if marker in str(path):
                 count[0] += 1
+                print(f"save event {count[0]}: {path}", file=sys.stderr, flush=True)
                 if count[0] == int(n):
                     if partial:
-                        Path(path).write_bytes(b"\\0" * 3)
+                        with real_open(path, "wb") as f:
+                            f.write(b"\\0" * 3)
                     os.kill(os.getpid(), signal.SIGKILL)
 
         def wrap(real, partial=True, position=1):
@@ -58,10 +68,15 @@ DRIVER = textwrap.dedent(
                 return real(*args, **kwargs)
             return wrapped
 
-        torch.save = wrap(torch.save)
+        def opened(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wxa"):
+                hit(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        builtins.open = opened
+        torch.save = wrap(torch.save)  # its zip writer opens the file in C++
         safetensors.torch.save_file = wrap(safetensors.torch.save_file)
         peft.peft_model.safe_save_file = wrap(peft.peft_model.safe_save_file)
-        TrainerState.save_to_json = wrap(TrainerState.save_to_json)
         os.replace = wrap(os.replace, partial=False, position=0)
 
     from osora.app.cli import main
@@ -120,12 +135,29 @@ def test_kill_9_anywhere_then_restart_resumes_and_ends_with_the_uninterrupted_ad
     assert proc.wait(RUN_TIMEOUT_S) == 0, proc.stdout.read() if proc.stdout else ""
 
     out = tmp_path / "crashy"
+    # Ctrl-C after the second logged step: the step finishes, then a checkpoint and a complete adapter are saved
+    proc = start(out, driver)
+    assert proc.stdout is not None
+    lines, steps = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        steps += line.startswith("{'loss'")
+        if steps == 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    output = "".join(lines)
+    assert proc.wait(RUN_TIMEOUT_S) == 128 + signal.SIGINT, output[-3000:]
+    assert "interrupted by SIGINT" in output and "Traceback" not in output, output[-3000:]
+    assert_consistent(out)
+    assert (out / "adapter_config.json").is_file() and newest_complete_checkpoint(out) is not None
+
     rng = random.Random(0)
     # (kill_at, random delay after the k-th logged step or None): each file of a checkpoint save, random moments,
     # then each file and rename of the final save
-    plan: list[tuple[str, int | None]] = [(f"checkpoint:{n}", None) for n in range(1, 9)]
+    plan: list[tuple[str, int | None]] = [(f"checkpoint:{n}", None) for n in range(1, CHECKPOINT_EVENTS + 1)]
     plan += [("", rng.randint(1, 3)) for _ in range(3)]
-    plan += [(f"final:{n}", None) for n in range(1, 7)]
+    plan += [(f"final:{n}", None) for n in range(1, FINAL_EVENTS + 1)]
     expected_resume: Path | None = None
     kills = 0
     for kill_at, after_steps in plan:

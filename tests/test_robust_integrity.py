@@ -71,10 +71,11 @@ def _corrupt_body(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("save_factors", [True, False], ids=["with-factors", "compact"])
 def test_a_corrupt_body_is_refused_naming_the_file_and_the_base_is_unchanged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save_factors: bool
 ) -> None:
-    trained().save_pretrained(tmp_path / "a")
+    trained(save_factors=save_factors).save_pretrained(tmp_path / "a")
     _corrupt_body(tmp_path / "a" / WEIGHTS)
     load_file(tmp_path / "a" / WEIGHTS)  # still a valid safetensors file: only the checksum catches it
     monkeypatch.setattr(osora.factors, "batched_top_r_svd", _no_svd)

@@ -64,7 +64,7 @@ def test_resume_inside_a_later_epoch_equals_the_uninterrupted_run(tmp_path: Path
     # transformers' length-grouped sampler drew each epoch's order from the global RNG, so an epoch started after
     # a resume was shuffled differently (max |Δ| 0.049 over S, O in the issue's run); it is seeded per epoch now
     cfg = tiny_config(tmp_path, *SCHEDULE)
-    assert cfg.training.group_by_length  # the default is what is tested
+    assert cfg.training.train_sampling_strategy == "group_by_length"  # the default is what is tested
     run(cfg, callbacks=[_StopAt(4)])
     assert not (tmp_path / "adapter_model.safetensors").exists()
     trainer = run(tiny_config(tmp_path, *SCHEDULE, "training.resume_from_checkpoint=true"))

@@ -11,7 +11,14 @@ import sys
 
 #: command -> (module, one-line help). Each module exposes ``main(argv: list[str]) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("osora.app.demo", "fine-tune MiniLM offline: head-only vs OSoRA vs LoRA vs VeRA, side by side"),
+    "demo": (
+        "osora.app.demo",
+        "fine-tune SmolLM2-135M-Instruct offline, OSoRA beside LoRA (--encoder: the MiniLM demo)",
+    ),
+    "generate": (
+        "osora.app.generate",
+        "generate from an adapter, a merged model or a base model (chat template where it has one)",
+    ),
     "train": (
         "osora.app.train",
         "fine-tune a causal LM from a YAML config (osora, lora, vera, pissa, dora, full)",
@@ -78,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"osora {command}: {_message(error)}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it
+        if debug:
+            raise
+        print(f"\nosora {command}: interrupted", file=sys.stderr)
+        return 128 + 2  # as a shell reports SIGINT
 
 
 if __name__ == "__main__":

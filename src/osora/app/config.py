@@ -1,20 +1,24 @@
-"""The application's one config schema: typed dataclasses that YAML files and ``key=value`` overrides fill.
+"""The application's one config schema: typed sections that YAML files and ``key=value`` overrides fill.
 
 A run is described by :class:`RunConfig` with five sections (``model``, ``data``, ``method``, ``training``,
-``eval``). Each field's ``help`` metadata is its documentation (``osora train --help`` prints them all). A YAML
-file gives any subset of the fields; ``section.field=value`` arguments on the command line override it (values
-are parsed as YAML, so ``training.learning_rate=2e-4`` and ``method.target_modules=[q_proj,v_proj]`` work).
-Unknown keys and values of the wrong type are errors naming the key.
+``eval``). ``model``, ``data`` and ``eval`` are osora's own dataclasses; the ``method`` section is a method name
+plus the fields of that method's PEFT config class (OSoRAConfig, LoraConfig, VeraConfig), and the ``training``
+section the fields of transformers' ``TrainingArguments``: both are checked against those classes' own
+annotations and validated by the classes themselves, so nothing is copied here. ``osora train --help`` prints
+every key. ``section.field=value`` arguments override the YAML file (values are parsed as YAML, so
+``training.learning_rate=2e-4`` and ``method.target_modules=[q_proj,v_proj]`` work). Unknown keys and values of
+the wrong type are errors naming the key.
 
 Example:
     >>> cfg = load_config(None, ["method.name=lora", "method.r=16"])
-    >>> cfg.method.r
+    >>> cfg.method.peft_config().r
     16
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,7 +80,10 @@ class ModelConfig:
 class DataConfig:
     """The fine-tuning data and how each record becomes a prompt and a response."""
 
-    path: str | None = _help(None, "Local .json/.jsonl file or a hub dataset id.")
+    path: str | list[str] | None = _help(
+        None,
+        "Local .json/.jsonl file or a hub dataset id; a list of them is concatenated (max_samples caps each).",
+    )
     name: str | None = _help(None, "Dataset config name for hub datasets (e.g. 'main' for gsm8k).")
     split: str = _help("train", "Split to load from a hub dataset (local files are one 'train' split).")
     format: DataFormat = _help(
@@ -98,81 +105,144 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """The fine-tuning method and its hyper-parameters; baselines run through PEFT's own implementations."""
+    """The fine-tuning method and the fields of its PEFT config (OSoRAConfig, LoraConfig or VeraConfig).
+
+    Every key of the section other than ``name`` is passed as given to the method's config class, which validates
+    it: ``method.r=32``, ``method.init_method=exact``, ``method.save_factors=false``, ``method.lora_alpha=64``.
+    ``dropout`` is the adapter's input dropout under any method (``lora_dropout`` / ``vera_dropout`` for peft's);
+    ``target_modules`` unset: the model's default targets (osora.config.DEFAULT_TARGET_MODULES).
+    """
 
     name: str = _help(
         "osora",
         "A method of osora.app.methods.METHODS: osora (S and O train), osora-S (S only), osora-O (O only), "
         "osora-scaled, lora, vera, pissa, dora, or full fine-tuning.",
     )
-    r: int = _help(8, "Rank (OSoRA, LoRA, PiSSA, DoRA, VeRA).")
-    target_modules: list[str] | str | None = _help(
-        None, "Module names (suffix match) or a regex to adapt; None: every linear layer of the blocks."
+    fields: dict[str, Any] = _help(
+        None, "Every other key: a field of the method's PEFT config class.", factory=dict
     )
-    dropout: float = _help(0.0, "Dropout on the adapter branch's input.")
-    lora_alpha: float | None = _help(None, "LoRA/PiSSA/DoRA scaling alpha; None: equal to r (scale 1).")
-    s_parametrization: Literal["raw", "scaled"] = _help(
-        "raw", "OSoRA: train S itself ('raw') or σ ⊙ s ('scaled')."
-    )
-    o_dim: Literal["output", "input"] = _help("output", "OSoRA: the dimension O scales.")
-    vera_d_initial: float = _help(0.1, "VeRA: initial value of the d vector.")
 
-    def __post_init__(self) -> None:
-        from .methods import get_method
+    def peft_config(self, default_targets: Any = "all-linear") -> Any:
+        """The method's PEFT config (None for full fine-tuning), built from :attr:`fields` as they are.
+
+        Raises:
+            ConfigError: an unknown method, a key its config class has no field for, or a value it refuses.
+        """
+        from .methods import config_class, get_method, peft_config
 
         try:
-            get_method(self.name)
+            spec = get_method(self.name)
         except ValueError as error:
             raise ConfigError(f"method.name: {error}") from None
+        if spec.needs_head:
+            raise ConfigError(f"method.name={self.name} trains a classifier head; a causal LM has none")
+        if spec.family is None:
+            if self.fields:
+                logging.getLogger("osora.config").warning(
+                    "method %s attaches no adapter: ignoring method.%s",
+                    self.name,
+                    ", method.".join(self.fields),
+                )
+            return None
+        cls = config_class(spec.family)
+        known = {f.name for f in dataclasses.fields(cls) if f.init} | {"dropout"}
+        unknown = sorted(set(self.fields) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key 'method.{unknown[0]}': {cls.__name__} (method {self.name}) has no such field; "
+                "osora train --help lists them"
+            )
+        hints = typing.get_type_hints(cls)
+        fields = {"task_type": "CAUSAL_LM", "target_modules": default_targets}
+        fields |= {
+            k: v if k == "dropout" else _check(f"method.{k}", v, hints[k]) for k, v in self.fields.items()
+        }
+        dropout = fields.pop("dropout", None)
+        try:
+            return peft_config(self.name, dropout=dropout, **fields)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"method settings ({self.name}): {error}") from error
+
+
+#: osora's defaults for the training section where they differ from transformers' TrainingArguments.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/osora",
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a float below 1 is a fraction of the steps
+    "train_sampling_strategy": "group_by_length",  # less padding; a resume stays exact (osora.app.checkpoints)
+    "logging_steps": 10,
+    "save_total_limit": 2,
+    "report_to": ["tensorboard"],
+    "ddp_find_unused_parameters": False,
+}
+
+#: Training keys of osora's own (transformers' TrainingArguments has no such field, or a narrower type).
+OSORA_TRAINING_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "resume_from_checkpoint": (
+        str | bool | None,
+        None,
+        "A checkpoint directory, or true for the newest complete one in output_dir (none there: start from "
+        "scratch, so a first run and a restart use the same command).",
+    ),
+    "overwrite_output_dir": (
+        bool,
+        False,
+        "Replace the earlier run in a non-empty output_dir (its checkpoints, adapter, base_model/, osora_run.json "
+        "and eval-*.json are removed first); false: such a folder is refused unless resuming.",
+    ),
+}
+
+#: Names of transformers 4 that TrainingArguments 5 dropped, with the key to use instead.
+RENAMED_TRAINING_KEYS = {
+    "warmup_ratio": "training.warmup_steps (a float below 1 is a fraction of the steps)",
+    "group_by_length": "training.train_sampling_strategy=group_by_length (or random)",
+}
 
 
 @dataclass
 class TrainingConfig:
-    """The schedule and the engine settings, passed to transformers' TrainingArguments."""
+    """The training section: any field of transformers' ``TrainingArguments``, checked against its annotations
+    here and validated by ``TrainingArguments`` itself when a run builds it; plus ``resume_from_checkpoint`` (also
+    true) and ``overwrite_output_dir``. Unset fields take osora's defaults (:data:`TRAINING_DEFAULTS`), then
+    transformers'.
+    """
 
-    output_dir: str = _help(
-        "runs/osora", "Where checkpoints, TensorBoard logs and the final adapter are written."
-    )
-    num_train_epochs: float = _help(3.0, "Epochs over the training data.")
-    max_steps: int = _help(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
-    learning_rate: float = _help(1e-4, "Peak learning rate.")
-    lr_scheduler_type: str = _help("cosine", "transformers scheduler name: cosine, linear, constant, ...")
-    warmup_ratio: float = _help(0.03, "Fraction of the steps spent warming up the learning rate.")
-    weight_decay: float = _help(0.0, "AdamW weight decay.")
-    per_device_train_batch_size: int = _help(4, "Micro-batch size per device.")
-    gradient_accumulation_steps: int = _help(1, "Micro-batches per optimizer step.")
-    max_grad_norm: float = _help(1.0, "Gradient clipping norm.")
-    bf16: bool = _help(False, "bfloat16 mixed precision.")
-    fp16: bool = _help(False, "float16 mixed precision.")
-    gradient_checkpointing: bool = _help(False, "Recompute activations in the backward pass to save memory.")
-    group_by_length: bool = _help(True, "Batch records of similar length together (less padding).")
-    logging_steps: int = _help(10, "Log loss and learning rate every N steps.")
-    save_steps: int = _help(500, "Save a checkpoint every N steps.")
-    save_total_limit: int | None = _help(2, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: str | bool | None = _help(
-        None,
-        "A checkpoint directory, or true for the newest complete one in output_dir (none there: start from "
-        "scratch, so a first run and a restart use the same command).",
-    )
-    overwrite_output_dir: bool = _help(
-        False,
-        "Replace the earlier run in a non-empty output_dir (its checkpoints, adapter, base_model/, osora_run.json "
-        "and eval-*.json are removed first); false: such a folder is refused unless resuming.",
-    )
-    report_to: list[str] = _help(
-        None, "Loggers, e.g. [tensorboard]; [] for none.", factory=lambda: ["tensorboard"]
-    )
-    seed: int = _help(42, "Seed of the model init (from_config), the data order and dropout.")
-    use_cpu: bool = _help(False, "Train on the CPU even when a GPU is present.")
-    ddp_backend: str | None = _help(
-        None, "torch.distributed backend under torchrun ('nccl', 'gloo'); None: auto."
-    )
-    deepspeed: str | None = _help(None, "Path of a DeepSpeed JSON config (launch with deepspeed/accelerate).")
-    fsdp: str | None = _help(
-        None, "FSDP mode for TrainingArguments, e.g. 'full_shard auto_wrap' (under torchrun)."
-    )
-    dataloader_num_workers: int = _help(0, "Data loader worker processes.")
-    disable_tqdm: bool = _help(False, "Hide progress bars.")
+    values: dict[str, Any] = _help(None, "The keys the config sets.", factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key == "values":
+            raise AttributeError(key)
+        if key in self.values:
+            return self.values[key]
+        if key in OSORA_TRAINING_FIELDS:
+            return OSORA_TRAINING_FIELDS[key][1]
+        if key in TRAINING_DEFAULTS:
+            return TRAINING_DEFAULTS[key]
+        fields = _training_arguments_fields()
+        if key not in fields:
+            raise AttributeError(key)
+        f = fields[key]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``TrainingArguments``: osora's defaults, then the keys the config sets."""
+        values = {k: v for k, v in self.values.items() if k not in OSORA_TRAINING_FIELDS}
+        return {**TRAINING_DEFAULTS, **values}
+
+
+def _training_arguments_fields() -> dict[str, dataclasses.Field[Any]]:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _training_types() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    types_ = {name: hints[name] for name in _training_arguments_fields()}
+    return types_ | {name: tp for name, (tp, _, _) in OSORA_TRAINING_FIELDS.items()}
 
 
 @dataclass
@@ -261,23 +331,41 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def _check(key: str, value: Any, tp: Any) -> Any:
+    ok, converted = _type_ok(value, tp)
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} does not match its type {_type_name(tp)}")
+    return converted
+
+
 def _fill(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    if cls is MethodConfig:  # every key but the name goes to the method's PEFT config class, which checks it
+        fields = dict(values)
+        name = fields.pop("name", MethodConfig.name)
+        return MethodConfig(name=_check(f"{prefix}name", name, str), fields=fields)
+    if cls is TrainingConfig:
+        types_ = _training_types()
+        for key in values:
+            if key not in types_:
+                hint = RENAMED_TRAINING_KEYS.get(key)
+                raise ConfigError(
+                    f"unknown config key '{prefix}{key}'"
+                    + (f"; use {hint}" if hint else "; the training section takes TrainingArguments' fields")
+                )
+        return TrainingConfig({key: _check(f"{prefix}{key}", v, types_[key]) for key, v in values.items()})
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {', '.join(sorted(fields))}")
+        if key not in fields_:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {', '.join(sorted(fields_))}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _fill(tp, value or {}, f"{prefix}{key}.")  # type: ignore[arg-type]
             continue
-        ok, converted = _type_ok(value, tp)
-        if not ok:
-            raise ConfigError(f"config key '{prefix}{key}' = {value!r} does not match its type {tp}")
-        kwargs[key] = converted
+        kwargs[key] = _check(f"{prefix}{key}", value, tp)
     return cls(**kwargs)
 
 
@@ -308,9 +396,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             ) from error
         _set_dotted(tree, key.strip(), value)
     try:
-        return _fill(RunConfig, tree, "")
+        cfg = _fill(RunConfig, tree, "")
+        cfg.method.peft_config()  # validated by the method's own config class
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from error
+    return cfg
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -342,26 +432,51 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain data (saved next to every run and report)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain data (saved next to every run and report); training with its defaults filled in."""
+    tree = dataclasses.asdict(cfg)
+    tree["method"] = {"name": cfg.method.name, **cfg.method.fields}
+    own = {name: getattr(cfg.training, name) for name in OSORA_TRAINING_FIELDS}
+    tree["training"] = {**cfg.training.arguments(), **own}
+    return tree
+
+
+def _field_lines(prefix: str, cls: type, skip: frozenset[str] = frozenset()) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        lines.append(f"  {prefix}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
+        lines.append(f"      {' '.join(str(f.metadata.get('help', '')).split())}")
+    return lines
 
 
 def help_text() -> str:
     """Every config key with its type, default and help, section by section."""
+    from osora import OSoRAConfig
+
     lines: list[str] = []
-    for section in dataclasses.fields(RunConfig):
-        cls = typing.get_type_hints(RunConfig)[section.name]
-        lines.append(f"{section.name}: {cls.__doc__}")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-            lines.append(f"  {section.name}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
-            lines.append(f"      {f.metadata.get('help', '')}")
+    for section in ("model", "data", "eval"):
+        cls = typing.get_type_hints(RunConfig)[section]
+        lines += [f"{section}: {cls.__doc__}", *_field_lines(section, cls)]
+    lines += [f"method: {' '.join(str(MethodConfig.__doc__).split())}"]
+    lines += [
+        f"  method.name (str, default {MethodConfig.name!r})",
+        f"      {MethodConfig.__dataclass_fields__['name'].metadata['help']}",
+    ]
+    lines += ["  OSoRAConfig's fields (osora, osora-S, osora-O, osora-scaled):"]
+    peft_own = frozenset({"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"})
+    lines += _field_lines("method", OSoRAConfig, peft_own | {"task_type", "inference_mode"})
+    lines += [f"training: {' '.join(str(TrainingConfig.__doc__).split())}"]
+    for name, (tp, default, text) in OSORA_TRAINING_FIELDS.items():
+        lines += [f"  training.{name} ({_type_name(tp)}, default {default!r})", f"      {text}"]
+    lines += ["  osora's defaults: " + ", ".join(f"{k}={v!r}" for k, v in TRAINING_DEFAULTS.items())]
     return "\n".join(lines)
 
 
 def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def config_from_argv(command: str, usage: str, argv: list[str]) -> RunConfig | int:

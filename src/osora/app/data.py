@@ -112,13 +112,23 @@ def find_malformed_line(path: Path) -> str:
     return ""
 
 
-def load_split(path: str, name: str | None = None, split: str = "train", max_samples: int | None = None):
-    """A ``datasets.Dataset`` from a local .json/.jsonl file or a hub dataset id.
+def load_split(
+    path: str | Sequence[str], name: str | None = None, split: str = "train", max_samples: int | None = None
+):
+    """A ``datasets.Dataset`` from a local .json/.jsonl file or a hub dataset id (a list of them: concatenated).
+
+    With a list, ``max_samples`` caps each part (the first N records of every file), so a mixture stays balanced.
 
     Raises:
         DataError: a missing local file, a malformed one (naming the file and line) or one without records.
     """
     import datasets
+
+    if not isinstance(path, str):
+        if not path:
+            raise DataError("data.path is an empty list; give one or more files or dataset ids")
+        parts = [load_split(p, name, split, max_samples) for p in path]
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
     local = Path(path).expanduser()
     if local.is_file():
@@ -149,7 +159,10 @@ def load_split(path: str, name: str | None = None, split: str = "train", max_sam
 
 
 def load_records(
-    path: str, name: str | None = None, split: str = "train", max_samples: int | None = None
+    path: str | Sequence[str],
+    name: str | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
 ) -> list[dict[str, Any]]:
     """Records (plain dicts) from a local .json/.jsonl file or a hub dataset (through ``datasets``)."""
     return [dict(r) for r in load_split(path, name, split, max_samples)]

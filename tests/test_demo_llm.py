@@ -109,3 +109,10 @@ def test_stop_strings_end_a_sequence_and_cut_its_completion() -> None:
     assert criterion(in_prompt, torch.zeros(1, 1)).tolist() == [False]
     assert cut_at_stop("42\n\nQuestion: next", ["Question:", "###"]) == "42\n\n"
     assert cut_at_stop("42", ["Question:"]) == "42"
+
+
+def test_demo_encoder_flag_runs_the_minilm_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        osora(["demo", "--encoder", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: osora demo --encoder" in capsys.readouterr().out

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -41,8 +40,6 @@ from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("osora", "lora", "vera")
-#: Also accepted by --methods: OSoRA trained through plain autograd (osora.autograd.plain_path), for comparison.
-PLAIN = "osora_plain"
 
 
 def opt(default: Any, help: str) -> Any:
@@ -56,8 +53,7 @@ class Setup:
     """What one run measures; each field is a CLI flag whose help is its metadata."""
 
     ranks: list[int] = opt([8, 32, 128], "adapter ranks")
-    methods: list[str] = opt(list(METHODS), f"adapters beside the base model: {', '.join(METHODS)}, {PLAIN}")
-    plain_ranks: list[int] = opt([32], f"the ranks at which {PLAIN} runs, if in --methods")
+    methods: list[str] = opt(list(METHODS), f"adapters beside the base model: {', '.join(METHODS)}")
     reps: int = opt(3, "timed steps per configuration")
     warmup: int = opt(1, "untimed steps before them (the first also counts the bytes saved for backward)")
     infer_reps: int = opt(2, "timed no-grad forwards, unmerged and merged")
@@ -91,17 +87,8 @@ def build_model(setup: Setup, method: str, r: int) -> Any:
     model.requires_grad_(False)
     if method == "base":
         return model
-    name = method.removesuffix("_plain")
-    extra = {"lora_alpha": r} if name == "lora" else {}
-    return get_peft_model(model, peft_config(name, r=r, target_modules=list(TARGETS), **extra))
-
-
-def worker(setup: Setup, method: str, r: int) -> dict[str, Any]:
-    """Measure one configuration in this (fresh) process."""
-    import osora.autograd
-
-    with osora.autograd.plain_path() if method == PLAIN else contextlib.nullcontext():
-        return measure(setup, method, r)
+    extra = {"lora_alpha": r} if method == "lora" else {}
+    return get_peft_model(model, peft_config(method, r=r, target_modules=list(TARGETS), **extra))
 
 
 def measure(setup: Setup, method: str, r: int) -> dict[str, Any]:
@@ -305,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         st, method, r = json.loads(args.worker)
-        print(json.dumps(worker(Setup(**st), method, r)))
+        print(json.dumps(measure(Setup(**st), method, r)))
         return
     if args.markdown_only:
         args.markdown.write_text(markdown(json.loads(args.out.read_text())))
@@ -322,9 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         setup.device = "cuda" if torch.cuda.is_available() else "cpu"
     command = " ".join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
     record = BenchmarkRecord("step_cost", asdict(setup), command=command)
-    configs = [("base", 0)] + [
-        (m, r) for r in setup.ranks for m in setup.methods if m != PLAIN or r in setup.plain_ranks
-    ]
+    configs = [("base", 0)] + [(m, r) for r in setup.ranks for m in setup.methods]
     rows = []
     for method, r in configs:
         rows.append(run_worker(setup, method, r))

@@ -106,6 +106,7 @@ OSORA_VALUES = {
     "svd_seed": 7,
     "svd_sigma_tolerance": 0.01,
     "svd_subspace_tolerance": 0.05,
+    "svd_sketch_dtype": "float32",
     "factor_cache_dir": "/tmp/osora-factors",
     "save_factors": False,
 }

@@ -14,6 +14,7 @@ from osora.app.scoring import (
     last_boxed,
     last_number,
     math_equal,
+    math_verify_equal,
     normalize_math_answer,
     numeric_equal,
 )
@@ -112,6 +113,41 @@ def test_math_boxed_extraction(completion: str, expected: str | None) -> None:
 )
 def test_math_equivalence(prediction: str | None, reference: str, equal: bool) -> None:
     assert math_equal(prediction, reference) is equal
+    assert math_verify_equal(prediction, reference) is equal
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("\\frac{3}{4}", "0.75"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("\\{1,2\\}", "\\{2,1\\}"),
+        ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}"),
+        ("x^2+2x+1", "(x+1)^2"),
+    ],
+)
+def test_math_verify_finds_equal_answers_the_string_comparison_misses(
+    prediction: str, reference: str
+) -> None:
+    assert math_verify_equal(prediction, reference)
+    assert not math_equal(prediction, reference)  # the paper's comparison marks these wrong
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [("(1,2)", "(2,1)"), ("[1,3)", "[1,3]"), ("2", "-2")])
+def test_math_verify_keeps_different_answers_apart(prediction: str, reference: str) -> None:
+    assert not math_verify_equal(prediction, reference) and not math_equal(prediction, reference)
+
+
+def test_math_task_reports_both_comparisons() -> None:
+    record = {"problem": "p", "answer": "0.75"}
+    task = TASKS["math"]
+    assert task.default_comparison == "math-verify"
+    assert task.score_all("so $\\boxed{\\frac{3}{4}}$", record) == (
+        "\\frac{3}{4}",
+        "0.75",
+        {"math-verify": True, "string": False},
+    )
+    assert task.score("so $\\boxed{\\frac{3}{4}}$", record, comparison="string")[2] is False
 
 
 def test_math_task_reads_reference_from_solution() -> None:
@@ -153,3 +189,33 @@ def test_every_commonsense_task_scores() -> None:
         record = {"instruction": "q", "input": "", "output": "", "answer": choices[-1]}
         assert TASKS[task].score(f"the correct answer is {choices[-1]}", record)[2]
         assert not TASKS[task].score(f"the correct answer is {choices[0]}", record)[2]
+
+
+def test_eval_reports_both_math_comparisons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from osora.app import evaluate as E
+    from osora.app.config import ConfigError, load_config
+
+    records = [
+        {"problem": "3/4 as a decimal?", "solution": "It is $\\boxed{0.75}$."},
+        {"problem": "sqrt(8)?", "solution": "$\\boxed{2\\sqrt{2}}$"},
+        {"problem": "1+1?", "solution": "$\\boxed{2}$"},
+    ]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    completions = ["so $\\boxed{\\frac{3}{4}}$", "so $\\boxed{\\sqrt{8}}$", "so $\\boxed{3}$"]
+    monkeypatch.setattr(E, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(
+        E, "generate", lambda model, tokenizer, prompts, *args, **kw: completions[: len(prompts)]
+    )
+    overrides = [f"eval.path={data}", "eval.task=math", f"eval.output={tmp_path / 'report.json'}"]
+    report = E.evaluate(load_config(None, overrides))
+    assert report["comparison"] == "math-verify" and report["correct"] == 2
+    assert report["accuracy_by"] == {"math-verify": 2 / 3, "string": 0.0}
+    assert [x["correct_by"] for x in report["examples"]][0] == {"math-verify": True, "string": False}
+    assert "accuracy 0.6667 (2/3, by math-verify); by string: 0.0000 (0/3)" in capsys.readouterr().out
+    paper = E.evaluate(load_config(None, [*overrides, "eval.comparison=string"]))
+    assert paper["accuracy"] == 0.0 and paper["accuracy_by"] == report["accuracy_by"]
+    with pytest.raises(ConfigError, match="choose from math-verify, string"):
+        E.evaluate(load_config(None, [*overrides, "eval.comparison=exact"]))

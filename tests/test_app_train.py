@@ -63,7 +63,7 @@ def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> N
     assert report["total"] == 2 and 0.0 <= report["accuracy"] <= 1.0
     example = report["examples"][0]
     assert example["prompt"].startswith("Question: ") and example["reference"] == "7"
-    assert set(example) == {"prompt", "completion", "prediction", "reference", "correct"}
+    assert set(example) == {"prompt", "completion", "prediction", "reference", "correct", "correct_by"}
     assert (out / "eval-gsm8k.json").is_file()
 
 

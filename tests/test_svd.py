@@ -23,7 +23,7 @@ import osora
 from osora import factors as factors_module
 from osora.factor_cache import FactorCache, cache_key
 from osora.factors import compute_factors
-from osora.svd import InitMethod, SVDAccuracyWarning, SVDSpec, randomized_svd, top_r_svd
+from osora.svd import InitMethod, SketchDtype, SVDAccuracyWarning, SVDSpec, randomized_svd, top_r_svd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,14 +57,16 @@ SPECTRA = {
 }
 
 
-@pytest.mark.parametrize("method", get_args(InitMethod))
+@pytest.mark.parametrize(
+    ("method", "sketch"), [("exact", "auto"), ("randomized", "float32"), ("randomized", "bfloat16")]
+)
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @pytest.mark.parametrize("r", [4, 16])
-def test_accuracy_on_known_spectrum(method: InitMethod, spectrum: str, r: int) -> None:
+def test_accuracy_on_known_spectrum(method: InitMethod, sketch: SketchDtype, spectrum: str, r: int) -> None:
     W, U, sigma, V = known_spectrum(256, 320, SPECTRA[spectrum](256))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SVDAccuracyWarning)  # the defaults must reach their own tolerances
-        f = top_r_svd(W, r, SVDSpec(method=method))
+        f = top_r_svd(W, r, SVDSpec(method=method, sketch_dtype=sketch))
     assert f.U.shape == (256, r) and f.sigma.shape == (r,) and f.Vh.shape == (r, 320)
     true_sub = min(agreement(U[:, :r], f.U), agreement(V[:, :r], f.Vh.T))
     true_sigma = float(((f.sigma.double() - sigma[:r]).abs() / sigma[:r]).max())
@@ -114,6 +116,8 @@ def test_spec_is_validated_and_hashable() -> None:
         SVDSpec(power_iters=8, max_power_iters=4)
     with pytest.raises(ValueError, match="method"):
         SVDSpec(method="lanczos")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sketch_dtype"):
+        SVDSpec(sketch_dtype="float16")  # type: ignore[arg-type]
     assert hash(SVDSpec(seed=1)) == hash(SVDSpec(seed=1)) and SVDSpec(seed=1) != SVDSpec(seed=2)
     config = osora.OSoRAConfig(svd_seed=3, svd_oversample=5, init_method="exact")
     assert config.svd_spec == SVDSpec(method="exact", seed=3, oversample=5)
@@ -347,3 +351,14 @@ def test_default_method_accuracy_on_minilm(r: int) -> None:
         worst_sub, worst_sigma = min(worst_sub, sub), max(worst_sigma, err)
     assert worst_sub >= 0.99, f"r={r}: worst subspace agreement {worst_sub:.5f}"
     assert worst_sigma <= 1e-3, f"r={r}: worst relative singular-value error {worst_sigma:.2e}"
+
+
+@pytest.mark.parametrize("decay", [0.35, 3.0])  # σ_r ≥ 0.1 σ₁: from the Gram matrix; steeper: the full SVD
+def test_exact_matches_the_known_factors(decay: float) -> None:
+    sigma = torch.arange(1, 97, dtype=torch.float64) ** -decay
+    W, U, _, V = known_spectrum(96, 160, sigma)
+    W = torch.stack([W, W.T.contiguous().T])  # the same matrix twice: both orientations of the batch agree
+    for f in osora.svd.exact_svd(W, 8) + osora.svd.exact_svd(W.mT, 8):
+        A, B = (f.U, f.Vh.T) if f.U.shape[0] == 96 else (f.Vh.T, f.U)
+        assert min(agreement(U[:, :8], A), agreement(V[:, :8], B)) >= 1 - 1e-6
+        assert float(((f.sigma.double() - sigma[:8]).abs() / sigma[:8]).max()) <= 1e-5

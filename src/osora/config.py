@@ -17,7 +17,7 @@ from peft.utils.constants import (
 from .checkpoint import read_adapter_file
 from .functional import ODim, SParametrization
 from .registration import osora_peft_type
-from .svd import InitMethod, SVDSpec, SVDSpecError
+from .svd import InitMethod, SketchDtype, SVDSpec, SVDSpecError
 
 Trainable = Literal["both", "S", "O"]
 Bias = Literal["none", "all", "osora_only"]
@@ -65,6 +65,7 @@ _SPEC_FIELDS = {
     "svd_seed": "seed",
     "svd_sigma_tolerance": "sigma_tolerance",
     "svd_subspace_tolerance": "subspace_tolerance",
+    "svd_sketch_dtype": "sketch_dtype",
 }
 
 
@@ -164,7 +165,7 @@ class OSoRAConfig(PeftConfig):
     init_method: InitMethod = field(
         default=_SVD.method,
         metadata={
-            "help": "How the top-r SVD is computed, in float32 on the weight's device, for all targeted weights of "
+            "help": "How the top-r SVD is computed, on the weight's device, for all targeted weights of "
             "one shape at once. 'randomized': block Krylov iteration on a seeded random sketch, or the exact SVD for "
             "the shapes where a cost model says that is cheaper; it checks its own accuracy against the svd_*"
             "_tolerance fields, grows the Krylov basis of a matrix that misses them and warns with the estimated "
@@ -206,6 +207,14 @@ class OSoRAConfig(PeftConfig):
         metadata={
             "help": "'randomized': target estimated 1 − mean squared cosine of the principal angles between the "
             "computed and the exact top-r singular subspaces (0.01: agreement ≥ 0.99)."
+        },
+    )
+    svd_sketch_dtype: SketchDtype = field(
+        default=_SVD.sketch_dtype,
+        metadata={
+            "help": "'randomized': precision of the Krylov products with the weight. 'bfloat16' (the final "
+            "Rayleigh–Ritz step and the accuracy estimate stay float32), 'float32', or 'auto': bfloat16 on CUDA "
+            "and on CPUs with native bfloat16 matrix instructions (AVX-512 BF16, AMX), float32 elsewhere."
         },
     )
     factor_cache_dir: str | None = field(

@@ -17,13 +17,14 @@ At initialisation (S = σ, O = 1) W' = W exactly. The ablation ``o_dim="input"``
 W' = W − U diag(σ) Vᵀ + U diag(S) Vᵀ diag(O) with O ∈ R^d_in. The ``"scaled"`` parametrisation trains s with
 S = σ ⊙ s (s initialised to ones): the same model family with scale-free optimisation geometry.
 
-The user's W is never modified: the layer adds ΔW x to W x, with ΔW = W' − W. For the output variant, with
-z = Vᵀx,
+The user's W is never modified: the layer adds ΔW x to W x, with ΔW = W' − W = B A of rank ≤ r
+(:func:`low_rank_factors`, the one definition of ΔW: forward, merge and export all use it). For the output variant
 
-    ΔW x = U((S − σ) ⊙ z) + (O − 1) ⊙ U(S ⊙ z)
+    B = diag(O) U diag(S) − U diag(σ) = U ⊙ ((S − σ)ᵀ + (O − 1) Sᵀ)   (d_out, r),   A = Vᵀ   (r, d_in)
 
-Both terms are products of *differences* that are exactly zero at initialisation, so the branch is exactly zero
-there in any precision, and small updates do not suffer cancellation against the large W x.
+B is built from *differences* that are exactly zero at initialisation, so the branch is exactly zero there in any
+precision, and small updates do not suffer cancellation against the large W x. The forward B (A x) is two
+products, like LoRA's, and A = Vᵀ is frozen, so autograd keeps z = A x (r numbers per token) for backward.
 """
 
 from __future__ import annotations
@@ -99,22 +100,22 @@ def delta_forward(
     O: torch.Tensor,
     o_dim: ODim = "output",
 ) -> torch.Tensor:
-    """ΔW x for a batch x (..., d_in) without forming ΔW; returns (..., d_out) in the factors' dtype.
+    """ΔW x = B (A x) for a batch x (..., d_in), with (B, A) = :func:`low_rank_factors`; (..., d_out).
 
-    The two frozen projections run in the factors' dtype (the base model's); the vector arithmetic runs in the
-    dtype of S and O (float32 by default). U is applied once, to the two r-wide columns stacked.
+    ΔW is never formed. Both products run in the factors' dtype (the base model's); B and A are built from S, O,
+    σ in the dtype of S (float32 by default), then cast. Plain autograd keeps what a LoRA branch keeps, less:
+
+    - output: A = Vᵀ is frozen, so the first product saves nothing per token; the second saves z = A x, r numbers
+      per token (∂L/∂B = gᵀz). Neither x nor any d_out-wide per-token tensor is kept.
+    - input: A holds O, so ∂L/∂A = (g B)ᵀ x needs x itself (the layer's input, not a copy), plus nothing else
+      per token (B = U is frozen).
+
+    Double backward, forward-mode AD and ``torch.func`` work as for any autograd function.
     """
     cdtype = Vh.dtype
-    sigma = sigma.to(S.dtype)
-    if o_dim == "output":
-        z = F.linear(x.to(cdtype), Vh).to(S.dtype)  # (..., r)
-        ab = torch.stack(((S - sigma) * z, S * z), dim=-2)  # (..., 2, r)
-        ua, ub = F.linear(ab.to(cdtype), U).unbind(-2)  # 2 × (..., d_out)
-        return ua + ((O - 1.0) * ub.to(O.dtype)).to(cdtype)
-    # input side: ΔW x = U((S − σ) ⊙ Vᵀx + S ⊙ Vᵀ((O − 1) ⊙ x))
-    xs = torch.stack((x.to(O.dtype), (O - 1.0) * x.to(O.dtype)), dim=-2)  # (..., 2, d_in)
-    z, zo = F.linear(xs.to(cdtype), Vh).to(S.dtype).unbind(-2)  # 2 × (..., r)
-    return F.linear(((S - sigma) * z + S * zo).to(cdtype), U)
+    B, A = low_rank_factors(U, Vh, sigma, S, O, o_dim)  # (d_out, r), (r, d_in)
+    z = F.linear(x.to(cdtype), A.to(cdtype))  # (..., r)
+    return F.linear(z, B.to(cdtype))  # (..., d_out)
 
 
 def residual_weight(W: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from . import autograd as OA
 from . import functional as OF
 from .checkpoint import weight_fingerprint
 from .config import OSoRAConfig
@@ -255,14 +254,14 @@ class OSoRALayer(BaseTunerLayer):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def osora_branch(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x of one adapter, (..., d_out), in the factors' dtype.
+        """ΔW x = B (A x) of one adapter, (..., d_out), in the factors' dtype (:func:`osora.functional.delta_forward`).
 
-        Trains through :mod:`osora.autograd`, whose backward keeps z = Vᵀx (r per token) instead of x.
+        With O on the output side, autograd keeps z = Vᵀx (r numbers per token) for backward, never x.
         """
         sigma = self.osora_sigma[adapter]
         S = OF.effective_S(self.osora_S[adapter], sigma, self.s_parametrization[adapter])
         x = self.osora_dropout[adapter](x)
-        return OA.delta_forward(
+        return OF.delta_forward(
             x,
             self.osora_U[adapter],
             self.osora_Vh[adapter],

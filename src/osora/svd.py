@@ -7,20 +7,27 @@ stacked with others (``tests/test_factors.py`` checks this), which compact adapt
 
 Two methods, chosen per shape:
 
-- ``"exact"``: the full SVD (torch.linalg.svd, batched), truncated. O(m n min(m, n)).
+- ``"exact"``: the top r of the exact SVD, from the eigendecomposition of the smaller Gram matrix W Wᵀ or WᵀW
+  (the full torch.linalg.svd where the top r singular values span more than a factor 10). O(m n min(m, n)).
 - ``"randomized"``: block Krylov iteration on a seeded Gaussian sketch (Halko, Martinsson & Tropp 2011, §4.4;
   Musco & Musco 2015) with Rayleigh–Ritz extraction. With A = W oriented so that m ≤ n, Ω (n, k) Gaussian,
   k = r + oversample: Q₀ = orth(A Ω), Q_j = orth((I − P) A Aᵀ Q_{j−1}) against all earlier blocks, and the
   top-r triplets of A restricted to span(Q₀ … Q_q). A Krylov basis keeps every block, where plain subspace
   iteration keeps only the last: on the slowly decaying spectra of pretrained weights it reaches a given
-  accuracy in far fewer products with W (SmolLM2-135M's matrices, r=32: 2–3 blocks instead of 16 iterations).
-  O(m n k (2q + 2)) plus the QRs and a small (K × K, K = k(q + 1)) eigenproblem.
+  accuracy in far fewer products with W (SmolLM2-135M's matrices, r=32: 3–6 blocks instead of 16 iterations).
+  O(m n k (2q + 3)) plus the QRs and a small (K × K, K = k(q + 1)) eigenproblem. The products with W, nearly
+  all of the work, run in the spec's ``sketch_dtype``: in bfloat16 (the default where the hardware has it: CUDA,
+  CPUs with AVX-512 BF16 or AMX, 3–5× the float32 throughput) the basis only has to span the top singular
+  directions, which rounding errors of 2⁻⁹ do not disturb at the tolerances below; the answer is then the
+  float32 Rayleigh–Ritz step on the top k Ritz vectors (two more products with W, k and r columns), and the
+  accuracy estimate is that of the float32 triplets.
 
 ``"randomized"`` computes the exact SVD instead for the shapes where the cost model (:func:`prefers_exact`)
 predicts it is cheaper: small matrices, or a sketch that is not much narrower than the matrix.
 
 The randomized method checks its own result from the residuals of the Ritz triplets, rᵢ = W vᵢ − σ̃ᵢ uᵢ (Wᵀuᵢ
-= σ̃ᵢ vᵢ holds exactly by construction), at the cost of one (m, n) × (n, r) product:
+= σ̃ᵢ vᵢ holds exactly by construction); during the iteration they come from the stored W Wᵀ basis without
+another product with W (rᵢ = W Wᵀ uᵢ / σ̃ᵢ − σ̃ᵢ uᵢ):
 
 - singular values: |σᵢ − σ̃ᵢ| ≲ min(‖rᵢ‖, ‖rᵢ‖² / gapᵢ) (residual and quadratic residual bounds);
 - subspace: sin θᵢ ≲ ‖rᵢ‖ / gapᵢ (Wedin's theorem per direction), reported as the estimated mean squared
@@ -44,12 +51,21 @@ from typing import Literal, get_args
 import torch
 
 InitMethod = Literal["randomized", "exact"]
+SketchDtype = Literal["auto", "bfloat16", "float32"]
 
-#: Time of the exact SVD of an (m, n) matrix divided by that of an (m, n) × (n, min(m, n)) matrix product, both
-#: float32 on one CPU thread. Measured 7–9 for 192 × 576 … 4096² on the 2-core development machine with
-#: ``python benchmarks/init_cost.py --calibrate`` (which prints the ratio per shape); the cost model needs its
-#: order of magnitude only, as the two costs differ by a factor of min(m, n) / (k (2q + 2)).
-EXACT_COST_RATIO = 8.0
+#: Time of the eigendecomposition of an (m, m) Gram matrix divided by that of an (m, m) × (m, m) matrix product,
+#: float32 on one CPU thread: 2.6–3.3 for SmolLM2's 576-wide weights on the 2-core development machine (under
+#: load; ``python benchmarks/init_cost.py --calibrate`` prints the ratios per shape). The cost model needs its
+#: order of magnitude only.
+EIGH_COST_RATIO = 3.0
+
+#: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured
+#: 0.2–0.35 on the development machine's AMD EPYC (AVX-512 BF16, oneDNN) for 576 × 1536 … 4096 × 11008.
+BFLOAT16_PASS_COST = 0.35
+
+#: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
+#: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
+GRAM_MIN_RATIO = 0.1
 
 
 class SVDSpecError(ValueError):
@@ -73,6 +89,9 @@ class SVDSpec:
         seed: Seed of the Gaussian sketch (a generator on the weight's device).
         sigma_tolerance: Target estimated max relative error of the r singular values.
         subspace_tolerance: Target estimated 1 − mean squared cosine of the principal angles.
+        sketch_dtype: Precision of the Krylov products with the weight: "bfloat16" (the final Rayleigh–Ritz step
+            and the accuracy estimate stay float32), "float32", or "auto": bfloat16 on CUDA and on CPUs with
+            native bfloat16 matrix instructions, float32 elsewhere.
 
     Example:
         >>> spec = SVDSpec(power_iters=3, seed=1)
@@ -86,10 +105,15 @@ class SVDSpec:
     seed: int = 0
     sigma_tolerance: float = 1e-3
     subspace_tolerance: float = 1e-2
+    sketch_dtype: SketchDtype = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in get_args(InitMethod):
             raise SVDSpecError("method", f"must be one of {get_args(InitMethod)}, got {self.method!r}")
+        if self.sketch_dtype not in get_args(SketchDtype):
+            raise SVDSpecError(
+                "sketch_dtype", f"must be one of {get_args(SketchDtype)}, got {self.sketch_dtype!r}"
+            )
         for name in ("oversample", "power_iters", "max_power_iters", "seed"):
             value = getattr(self, name)
             if value is None and name == "oversample":
@@ -159,36 +183,72 @@ def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor,
     return U * signs, Vh * signs.mT
 
 
+def resolve_sketch_dtype(spec: SVDSpec, device: torch.device) -> torch.dtype:
+    """The dtype of the Krylov products for ``spec`` on ``device`` ("auto" resolved)."""
+    if spec.sketch_dtype != "auto":
+        return getattr(torch, spec.sketch_dtype)  # type: ignore[no-any-return]
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+
+
 def subspace_agreement(A: torch.Tensor, B: torch.Tensor) -> float:
     """Mean squared cosine of the principal angles between the column spans of orthonormal A and B (n, r)."""
     return float((A.double().T @ B.double()).square().sum() / A.shape[1])
 
 
-def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec) -> bool:
+def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.device | None = None) -> bool:
     """True when the exact SVD of a (m, n) weight is predicted to be cheaper than the randomized method.
 
-    Both costs in units of one multiply-add of a float32 matrix product: the exact SVD costs
-    ``EXACT_COST_RATIO`` · m n min(m, n); the randomized method m n k (2q + 3) for the sketch, the q Krylov
-    steps, the Rayleigh–Ritz projection (K = k(q + 1) columns, counted as q + 1 blocks) and the residual, plus
-    min(m, n) K² for the orthogonalisations. q is ``power_iters``; the adaptive extra blocks are not predicted.
+    Both costs in units of one multiply-add of a float32 matrix product: the exact SVD m² n for the Gram matrix
+    plus ``EIGH_COST_RATIO`` · m³ for its eigendecomposition (m ≤ n); the randomized method m n k (2q + 3) for
+    the sketch and the q Krylov steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for
+    the float32 refinement), plus m K² for the orthogonalisations (K = k(q + 1)). q is ``power_iters``; the
+    adaptive extra blocks are not predicted.
     """
     m, n = sorted(shape)  # m ≤ n
     k = spec.block_width(r)
     width = k * (spec.power_iters + 1)  # K
     if width >= m:  # the Krylov basis would span everything: nothing left to save
         return True
-    randomized = m * n * k * (2 * spec.power_iters + 3) + m * width * width
-    return EXACT_COST_RATIO * m * n * m <= randomized
+    passes = m * n * k * (2 * spec.power_iters + 3)
+    if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
+        passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
+    return m * m * n + EIGH_COST_RATIO * m**3 <= passes + m * width * width
 
 
 def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
-    """Full float32 SVD of each (m, n) matrix of W (B, m, n), truncated to the top r triplets."""
-    U, sigma, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-    U, Vh = canonicalize_signs(U[..., :r], Vh[..., :r, :])
+    """Exact top-r float32 SVD of each (m, n) matrix of W (B, m, n).
+
+    From the eigendecomposition of the smaller Gram matrix A Aᵀ (A = W oriented so that m ≤ n): one product with
+    W and an (m, m) eigenproblem instead of the full SVD, 2–4× faster for SmolLM2's 576-wide weights on the
+    development CPU. Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ, so a matrix whose σ_r is below
+    ``GRAM_MIN_RATIO`` σ₁ gets the full SVD (torch.linalg.svd) instead.
+    """
+    A = W.detach().float()
+    transposed = A.shape[-2] > A.shape[-1]
+    if transposed:
+        A = A.mT
+    evals, evecs = torch.linalg.eigh(A @ A.mT)  # ascending, (B, m), (B, m, m)
+    sigma = evals.flip(-1)[..., :r].clamp_min(0).sqrt()  # (B, r)
+    U = evecs.flip(-1)[..., :r]  # (B, m, r)
+    Vh = (U.mT @ A) / sigma.clamp_min(torch.finfo(sigma.dtype).tiny).unsqueeze(-1)  # (B, r, n)
+    if transposed:
+        U, Vh = Vh.mT, U.mT
+    squared_ok = sigma[..., -1] >= GRAM_MIN_RATIO * sigma[..., 0]  # (B,)
+    if not bool(squared_ok.all()):
+        bad = (~squared_ok).nonzero().flatten()
+        Uf, sf, Vhf = torch.linalg.svd(W[bad].float(), full_matrices=False)
+        U, sigma, Vh = U.clone(), sigma.clone(), Vh.clone()
+        U[bad], sigma[bad], Vh[bad] = Uf[..., :r], sf[..., :r], Vhf[..., :r, :]
+    U, Vh = canonicalize_signs(U, Vh)
     exact = SVDAccuracy(0.0, 1.0, 0)
     return [
-        SVDFactors(U[b].contiguous(), sigma[b, :r].contiguous(), Vh[b].contiguous(), exact)
-        for b in range(len(W))
+        SVDFactors(U[b].contiguous(), sigma[b].contiguous(), Vh[b].contiguous(), exact) for b in range(len(W))
     ]
 
 
@@ -196,36 +256,35 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def _ritz(
-    A: torch.Tensor, basis: torch.Tensor, P: torch.Tensor, G: torch.Tensor, r: int
-) -> tuple[torch.Tensor, ...]:
-    """Rayleigh–Ritz on span(basis) (B, m, K), with P = basisᵀ A (B, K, n) and G = P Pᵀ: the top-r
-    (U, sigma, Vh) of A (B, m, n), the estimated σ error and subspace agreement (B,)."""
-    # the Ritz values are the singular values of P, the square roots of G's eigenvalues; squaring costs relative
-    # accuracy eps (σ₁/σᵢ)² in σᵢ², far below the tolerances for the top r of a weight matrix
-    evals, evecs = torch.linalg.eigh(G)  # ascending, (B, K), (B, K, K)
-    s_all = evals.flip(-1).clamp_min(0).sqrt()  # (B, K) descending
-    Ub = evecs.flip(-1)[..., :r]  # (B, K, r)
-    s = s_all[..., :r]  # (B, r)
-    U = basis @ Ub  # (B, m, r)
-    Vh = (Ub.mT @ P) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-1)  # (B, r, n): Aᵀuᵢ = σ̃ᵢ vᵢ exactly
-    res = torch.linalg.vector_norm(A @ Vh.mT - U * s.unsqueeze(-2), dim=-2)  # (B, r) ‖A vᵢ − σ̃ᵢ uᵢ‖
+def _aat(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """A Aᵀ Q (B, m, k) in float32, the two products with the weight in S's dtype (S is A (B, m, n) in it)."""
+    P = Q.to(S.dtype).mT @ S  # (B, k, n)
+    return (S @ P.mT).float()
+
+
+def _estimates(res: torch.Tensor, s: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated max relative σ error and subspace agreement (B,) from the residual norms ``res`` (B, r) of the
+    Ritz triplets, their values ``s`` (B, r) and the Krylov basis's smallest Ritz value ``floor`` (B, 1)."""
     # Rayleigh–Ritz leaves a Ritz vector's error, to first order, outside the basis, among directions of
     # singular value ≲ σ̃_K: that is the gap that matters.
-    gap = (s - s_all[..., -1:]).clamp_min(torch.finfo(s.dtype).tiny)  # (B, r)
+    gap = (s - floor).clamp_min(torch.finfo(s.dtype).tiny)  # (B, r)
     sigma_err = (torch.minimum(res, res.square() / gap) / s).amax(-1)  # (B,)
     agreement = 1.0 - (res / gap).clamp_max(1.0).square().mean(-1)  # (B,)
-    return U, s, Vh, sigma_err, agreement
+    return sigma_err, agreement
 
 
-def _extend(
-    A: torch.Tensor, basis: torch.Tensor, P: torch.Tensor, G: torch.Tensor, block: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the orthonormal ``block`` (B, m, k) to the basis, to P = basisᵀ A and to its Gram G."""
-    Pn = block.mT @ A  # (B, k, n)
-    cross = Pn @ P.mT  # (B, k, K)
-    G = torch.cat([torch.cat([G, cross.mT], -1), torch.cat([cross, Pn @ Pn.mT], -1)], -2)
-    return torch.cat([basis, block], -1), torch.cat([P, Pn], -2), G
+def _rayleigh_ritz(A: torch.Tensor, Y: torch.Tensor, r: int, floor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The top-r (U, sigma, Vh) of A (B, m, n) restricted to span(Y) (B, m, k), in float32, with the estimated
+    σ error and subspace agreement (B,), gaps taken to ``floor`` (B, 1)."""
+    P = Y.mT @ A  # (B, k, n)
+    evals, evecs = torch.linalg.eigh(P @ P.mT)  # ascending, (B, k), (B, k, k)
+    s_all = evals.flip(-1).clamp_min(0).sqrt()  # (B, k) descending
+    Ub = evecs.flip(-1)[..., :r]  # (B, k, r)
+    s = s_all[..., :r]  # (B, r)
+    U = Y @ Ub  # (B, m, r)
+    Vh = (Ub.mT @ P) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-1)  # (B, r, n): Aᵀuᵢ = σ̃ᵢ vᵢ exactly
+    res = torch.linalg.vector_norm(A @ Vh.mT - U * s.unsqueeze(-2), dim=-2)  # (B, r) ‖A vᵢ − σ̃ᵢ uᵢ‖
+    return (U, s, Vh, *_estimates(res, s, floor))
 
 
 def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list[SVDFactors]:
@@ -245,37 +304,63 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
     k = spec.block_width(r)
     if k >= m:
         return exact_svd(W, r)
+    dtype = resolve_sketch_dtype(spec, A.device)
+    S = A.to(dtype)  # (B, m, n): the copy the Krylov products use
     generator = torch.Generator(device=A.device).manual_seed(spec.seed)
-    omega = torch.randn(
-        n, k, generator=generator, device=A.device, dtype=A.dtype
-    )  # (n, k), same for every matrix
-    block = _orth(A @ omega)  # (B, m, k)
-    P = block.mT @ A  # (B, k, n): basisᵀ A, which also gives the next Krylov step's Aᵀ block
-    basis, G = block, P @ P.mT  # (B, m, K), (B, K, K)
+    omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
+    basis = _orth((S @ omega.to(dtype)).float())  # (B, m, K), K grows by k per block
+    AAt = _aat(S, basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
     out: list[SVDFactors | None] = [None] * B
-    todo = torch.arange(B, device=A.device)  # matrices still iterating, their rows in A, basis, P and G
+    todo = torch.arange(B, device=A.device)  # matrices still iterating, their rows in A, S, basis and AAt
     q = 0
     while True:
         if q >= spec.power_iters:
-            U, s, Vh, sigma_err, agreement = _ritz(A, basis, P, G, r)
-            met = (sigma_err <= spec.sigma_tolerance) & (1.0 - agreement <= spec.subspace_tolerance)
+            # Rayleigh–Ritz on the Krylov basis: G = basisᵀ A Aᵀ basis, Ritz vectors u = basis y, and the residual
+            # of the triplet (u, σ̃, Aᵀu / σ̃) is A Aᵀ u / σ̃ − σ̃ u, from AAt without another product with A
+            G = basis.mT @ AAt  # (B, K, K)
+            evals, evecs = torch.linalg.eigh((G + G.mT) / 2)  # ascending
+            s_all = evals.flip(-1).clamp_min(0).sqrt()  # (B, K) descending
+            Ub = evecs.flip(-1)  # (B, K, K)
+            s = s_all[..., :r].clamp_min(torch.finfo(s_all.dtype).tiny)  # (B, r)
+            U = basis @ Ub[..., :r]  # (B, m, r)
+            res = torch.linalg.vector_norm(
+                (AAt @ Ub[..., :r]) / s.unsqueeze(-2) - U * s.unsqueeze(-2), dim=-2
+            )
+            floor = s_all[..., -1:]  # (B, 1)
+            sigma_err, agreement = _estimates(res, s, floor)
+            met = _met(sigma_err, agreement, spec)
             full = basis.shape[-1] + k >= m  # one more block would span the whole column space
-            done = met | full if q < spec.max_power_iters else torch.ones_like(met)
-            for i in done.nonzero().flatten().tolist():
-                if full and not met[i] and q < spec.max_power_iters:  # the exact SVD costs about as much now
+            last = q >= spec.max_power_iters
+            ready = (met | full | last).nonzero().flatten()
+            if len(ready):
+                if dtype == torch.float32:  # the Ritz triplets are the answer: Vh = Uᵀ A / σ̃
+                    U, s, Vh = U[ready], s[ready], (U[ready].mT @ A[ready]) / s[ready].unsqueeze(-1)
+                    sigma_err, agreement = sigma_err[ready], agreement[ready]
+                else:  # refine in float32 on the top-k Ritz vectors of the low-precision basis (B', m, k)
+                    Y = basis[ready] @ Ub[ready][..., :k]
+                    U, s, Vh, sigma_err, agreement = _rayleigh_ritz(A[ready], Y, r, floor[ready])
+                good = _met(sigma_err, agreement, spec)
+            finished = torch.zeros(len(todo), dtype=torch.bool, device=A.device)
+            for j, i in enumerate(ready.tolist()):
+                if not bool(good[j]) and not last and not full:
+                    continue  # the float32 estimate asks for another block
+                finished[i] = True
+                if not bool(good[j]) and not last:  # the exact SVD costs about as much now
                     out[int(todo[i])] = exact_svd(A[i : i + 1].mT if transposed else A[i : i + 1], r)[0]
                     continue
-                accuracy = SVDAccuracy(float(sigma_err[i]), float(agreement[i]), q)
-                out[int(todo[i])] = _canonical(U[i], s[i], Vh[i], accuracy, transposed)
-            keep = (~done).nonzero().flatten()
+                accuracy = SVDAccuracy(float(sigma_err[j]), float(agreement[j]), q)
+                out[int(todo[i])] = _canonical(U[j], s[j], Vh[j], accuracy, transposed)
+            keep = (~finished).nonzero().flatten()
             if not len(keep):
                 break
-            todo, A, basis, P, G = todo[keep], A[keep], basis[keep], P[keep], G[keep]
+            if len(keep) < len(todo):
+                todo, A, S, basis, AAt = todo[keep], A[keep], S[keep], basis[keep], AAt[keep]
         # next Krylov block: A Aᵀ times the last one, orthogonalised twice against the whole basis (fp32 CGS2)
-        Z = A @ P[..., -k:, :].mT  # (B, m, k)
+        Z = AAt[..., -k:]  # (B, m, k)
         for _ in range(2):
             Z = Z - basis @ (basis.mT @ Z)
-        basis, P, G = _extend(A, basis, P, G, _orth(Z))
+        block = _orth(Z)
+        basis, AAt = torch.cat([basis, block], -1), torch.cat([AAt, _aat(S, block)], -1)
         q += 1
     factors = [f for f in out if f is not None]
     for f in factors:
@@ -291,6 +376,10 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
                 stacklevel=3,
             )
     return factors
+
+
+def _met(sigma_err: torch.Tensor, agreement: torch.Tensor, spec: SVDSpec) -> torch.Tensor:
+    return (sigma_err <= spec.sigma_tolerance) & (1.0 - agreement <= spec.subspace_tolerance)
 
 
 def _canonical(
@@ -323,7 +412,7 @@ def batched_top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> l
     shape = (W.shape[1], W.shape[2])
     if not 1 <= r <= min(shape):
         raise ValueError(f"r must be in [1, {min(shape)}] for a weight of shape {shape}, got {r}")
-    if spec.method == "exact" or prefers_exact(shape, r, spec):
+    if spec.method == "exact" or prefers_exact(shape, r, spec, W.device):
         return exact_svd(W, r)
     return randomized_svd(W, r, spec)
 

@@ -267,6 +267,11 @@ class EvalConfig:
         None, "Where the k-shot examples come from (local file); None: the first k test examples, not scored."
     )
     prompt: PromptStyle | None = _help(None, "Prompt style; None: data.prompt.")
+    comparison: str | None = _help(
+        None,
+        "How predictions meet references for the headline accuracy: one of the task's comparisons (math: "
+        "'math-verify', or 'string', the paper's); None: the task's first. Every comparison is reported.",
+    )
     output: str | None = _help(None, "JSON report path; None: <model>/eval-<task>.json.")
 
 

@@ -173,6 +173,12 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         )
     model_path = e.model or cfg.training.output_dir
     task = TASKS[e.task]
+    comparison = e.comparison or task.default_comparison
+    if comparison not in task.comparisons:
+        raise ConfigError(
+            f"eval.comparison={comparison} is not a comparison of task {e.task}; "
+            f"choose from {', '.join(task.comparisons)}"
+        )
     style = e.prompt or cfg.data.prompt
     records = load_records(e.path, e.name, e.split)
     shots: list[dict[str, Any]] = []
@@ -204,22 +210,26 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
     examples: list[dict[str, Any]] = []
     for record, prompt, completion in zip(records, prompts, completions):
-        prediction, reference, correct = task.score(completion, record)
+        prediction, reference, correct = task.score_all(completion, record)
         examples.append(
             {
                 "prompt": prompt,
                 "completion": completion,
                 "prediction": prediction,
                 "reference": reference,
-                "correct": correct,
+                "correct": correct[comparison],
+                "correct_by": correct,
             }
         )
     n_correct = sum(x["correct"] for x in examples)
+    by = {name: sum(x["correct_by"][name] for x in examples) for name in task.comparisons}
     report = {
         "task": e.task,
         "model": model_path,
+        "comparison": comparison,
         "accuracy": n_correct / max(len(examples), 1),
         "correct": n_correct,
+        "accuracy_by": {name: n / max(len(examples), 1) for name, n in by.items()},
         "total": len(examples),
         "wall_s": round(time.time() - started, 2),
         "generate_s": round(generate_s, 2),
@@ -238,8 +248,13 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    others = "".join(
+        f"; by {name}: {report['accuracy_by'][name]:.4f} ({by[name]}/{len(examples)})"
+        for name in task.comparisons
+        if name != comparison
+    )
     print(
-        f"{e.task}: accuracy {report['accuracy']:.4f} ({n_correct}/{len(examples)}), "
+        f"{e.task}: accuracy {report['accuracy']:.4f} ({n_correct}/{len(examples)}, by {comparison}){others}, "
         f"{report['problems_per_s']:.3g} problems/s; report: {output}"
     )
     return report

@@ -6,9 +6,10 @@ No torch, no model: each task is an ``extract`` (completion -> answer or None), 
 - GSM8K: the reference is what follows ``####``; the prediction is the last number in the completion; numbers
   compare as values once commas are stripped (``1,000`` == ``1000.0``).
 - MATH: the answer is the content of the last ``\\boxed{...}`` (nested braces respected), or what follows
-  MetaMath's "The answer is:" when nothing is boxed; answers compare after
-  the normalisation of Hendrycks et al.'s ``is_equiv`` (units, ``\\left``/``\\right``, spaces, ``\\frac12``,
-  ``0.5`` vs ``.5``...).
+  MetaMath's "The answer is:" when nothing is boxed. Answers compare two ways, both reported: ``math-verify``
+  (the default: both parsed from LaTeX into SymPy and compared as mathematics, so ``\\frac{3}{4}`` equals
+  ``0.75`` and ``\\{1,2\\}`` equals ``\\{2,1\\}``), and ``string``, the paper's comparison (equal after the
+  normalisation of Hendrycks et al.'s ``is_equiv``: units, ``\\left``/``\\right``, spaces, ``\\frac12``...).
 - Commonsense (LLM-Adapters, Hu et al. 2023): the first answer word of the task's closed set in the completion
   (``true``/``false``, ``solution1/2``, ``answer1-5``, ``ending1-4``, ``option1/2``).
 """
@@ -172,6 +173,18 @@ def math_equal(prediction: str | None, reference: str | None) -> bool:
         return prediction == reference
 
 
+def math_verify_equal(prediction: str | None, reference: str | None) -> bool:
+    """Whether two MATH answers are equal as mathematics: both parsed by math-verify (LaTeX or plain
+    expressions, into SymPy) and compared by its ``verify`` (numbers, fractions, radicals, sets, intervals...)."""
+    if prediction is None or reference is None:
+        return prediction is None and reference is None
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold, predicted = parse(f"${reference}$", config), parse(f"${prediction}$", config)
+    return bool(gold and predicted and verify(gold, predicted))
+
+
 # ----------------------------------------------------------------------------------------------- commonsense
 #: Answer words per commonsense task, as in LLM-Adapters' ``commonsense_evaluate.py``.
 COMMONSENSE_CHOICES: dict[str, tuple[str, ...]] = {
@@ -205,33 +218,62 @@ def _exact(prediction: str | None, reference: str | None) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- registry
+Equal = Callable[[str | None, str | None], bool]
+
+
 @dataclass(frozen=True)
 class Task:
-    """How one benchmark is scored: where its question and reference live in a record, and how to compare."""
+    """How one benchmark is scored: where its question and reference live in a record, and how to compare.
+
+    ``comparisons`` names every way a prediction is compared with its reference; the first is the default.
+    """
 
     question_key: str
     extract: Callable[[str], str | None]
     reference: Callable[[Mapping[str, Any]], str | None]
-    equal: Callable[[str | None, str | None], bool]
+    comparisons: Mapping[str, Equal]
 
-    def score(self, completion: str, record: Mapping[str, Any]) -> tuple[str | None, str | None, bool]:
-        """(extracted prediction, reference, correct) for one completion of ``record``."""
+    @property
+    def default_comparison(self) -> str:
+        return next(iter(self.comparisons))
+
+    def score(
+        self, completion: str, record: Mapping[str, Any], comparison: str | None = None
+    ) -> tuple[str | None, str | None, bool]:
+        """(extracted prediction, reference, correct) for one completion of ``record``, by ``comparison``
+        (default: the first)."""
+        prediction, reference, correct = self.score_all(completion, record)
+        return prediction, reference, correct[comparison or self.default_comparison]
+
+    def score_all(
+        self, completion: str, record: Mapping[str, Any]
+    ) -> tuple[str | None, str | None, dict[str, bool]]:
+        """(extracted prediction, reference, {comparison: correct}) for one completion of ``record``."""
         prediction = self.extract(completion)
         reference = self.reference(record)
-        return prediction, reference, bool(reference is not None and self.equal(prediction, reference))
+        correct = {
+            name: bool(reference is not None and equal(prediction, reference))
+            for name, equal in self.comparisons.items()
+        }
+        return prediction, reference, correct
 
 
 def _commonsense(task: str) -> Task:
-    return Task("instruction", commonsense_extractor(task), lambda r: str(r["answer"]), _exact)
+    return Task("instruction", commonsense_extractor(task), lambda r: str(r["answer"]), {"exact": _exact})
 
 
 TASKS: dict[str, Task] = {
-    "gsm8k": Task("question", last_number, lambda r: gsm8k_reference(r["answer"]), numeric_equal),  # type: ignore[arg-type]
+    "gsm8k": Task(
+        "question",
+        last_number,
+        lambda r: gsm8k_reference(r["answer"]),
+        {"numeric": numeric_equal},  # type: ignore[dict-item]
+    ),
     "math": Task(
         "problem",
         math_prediction,
         lambda r: r.get("answer") or math_reference(r["solution"]),
-        math_equal,
+        {"math-verify": math_verify_equal, "string": math_equal},
     ),
     **{name: _commonsense(name) for name in COMMONSENSE_CHOICES},
 }

@@ -1,4 +1,4 @@
-"""The memory-lean backward of osora.autograd against dense references and autograd's plain path."""
+"""The OSoRA branch ΔW x = B (A x) (osora.functional): against dense references, and what autograd keeps for backward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from peft import get_peft_model
 from torch import nn
 
 import osora
-from osora import autograd as OA
 from osora import functional as OF
 from osora.layer import OSoRALayer
 
@@ -60,14 +59,11 @@ def grads(fn, x: torch.Tensor, f: dict, g: torch.Tensor, wrt: tuple[str, ...] = 
     return (y.detach().double(), *(t.double() for t in out))
 
 
-def custom(x: torch.Tensor, f: dict, o_dim: str = "output") -> torch.Tensor:
-    return OA.delta_forward(x, f["U"], f["Vh"], f["sigma"], f["S"], f["O"], o_dim)
-
-
-def plain(x: torch.Tensor, f: dict, o_dim: str = "output") -> torch.Tensor:
+def branch(x: torch.Tensor, f: dict, o_dim: str = "output") -> torch.Tensor:
     return OF.delta_forward(x, f["U"], f["Vh"], f["sigma"], f["S"], f["O"], o_dim)
 
 
+@pytest.mark.parametrize("o_dim", ["output", "input"])
 @pytest.mark.parametrize(
     ("dtype", "vec_dtype", "tol"),
     [
@@ -77,18 +73,15 @@ def plain(x: torch.Tensor, f: dict, o_dim: str = "output") -> torch.Tensor:
         (torch.float16, torch.float32, 5e-3),
     ],
 )
-def test_gradients_match_dense_reference_and_plain_path(dtype, vec_dtype, tol) -> None:
-    f = factors(dtype, vec_dtype)
+def test_gradients_match_dense_reference(o_dim, dtype, vec_dtype, tol) -> None:
+    f = factors(dtype, vec_dtype, o_size=D_OUT if o_dim == "output" else D_IN)
     x = torch.randn(3, 7, D_IN, dtype=dtype, requires_grad=True)
     g = torch.randn(3, 7, D_OUT, dtype=dtype)
-    ref = grads(lambda x, f: dense_branch(x, f), x, f, g)
-    mine = grads(custom, x, f, g)
-    theirs = grads(plain, x, f, g)
-    assert mine[0].dtype == theirs[0].dtype
-    for a, b, c in zip(mine, theirs, ref):
-        scale = c.abs().max()
-        torch.testing.assert_close(a, c, atol=tol * scale, rtol=0)
-        torch.testing.assert_close(a, b, atol=tol * scale, rtol=0)
+    ref = grads(lambda x, f: dense_branch(x, f, o_dim), x, f, g)
+    mine = grads(lambda x, f: branch(x, f, o_dim), x, f, g)
+    assert branch(x, f, o_dim).dtype == dtype  # the factors' dtype
+    for a, c in zip(mine, ref):
+        torch.testing.assert_close(a, c, atol=tol * c.abs().max(), rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,28 +90,23 @@ def test_scaled_parametrization_gradient_flows_to_s(dtype) -> None:
     s = (1 + 0.3 * torch.randn(R)).requires_grad_()
     x = torch.randn(4, D_IN, dtype=dtype, requires_grad=True)
     g = torch.randn(4, D_OUT, dtype=dtype)
-
-    def run(fn):
-        S = OF.effective_S(s, f["sigma"], "scaled")
-        y = fn(x, {**f, "S": S})
-        return [t.double() for t in torch.autograd.grad(y, (x, s, f["O"]), g)]
-
+    y = branch(x, {**f, "S": OF.effective_S(s, f["sigma"], "scaled")})
+    mine = [t.double() for t in torch.autograd.grad(y, (x, s, f["O"]), g)]
     y = dense_branch(x, f, S=f["sigma"].double() * s.double())
     ref = [t.double() for t in torch.autograd.grad(y, (x, s, f["O"]), g.double())]
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for a, b, c in zip(run(custom), run(plain), ref):
+    for a, c in zip(mine, ref):
         torch.testing.assert_close(a, c, atol=tol * c.abs().max(), rtol=0)
-        torch.testing.assert_close(a, b, atol=tol * c.abs().max(), rtol=0)
 
 
-def test_autocast_matches_plain_path() -> None:
+def test_autocast_matches_dense_reference() -> None:
     f = factors(torch.float32, torch.float32)
     x = torch.randn(3, 5, D_IN, requires_grad=True)
     g = torch.randn(3, 5, D_OUT)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mine, theirs = grads(custom, x, f, g), grads(plain, x, f, g)
-    for a, b in zip(mine, theirs):
-        torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max(), rtol=0)
+        mine = grads(branch, x, f, g)
+    for a, c in zip(mine, grads(lambda x, f: dense_branch(x, f), x, f, g)):
+        torch.testing.assert_close(a, c, atol=3e-2 * c.abs().max(), rtol=0)
 
 
 @pytest.mark.parametrize("wrt", [("S",), ("O",), ("S", "O"), ("x",)])
@@ -128,7 +116,7 @@ def test_only_needed_gradients(wrt) -> None:
         f[k].requires_grad_(k in wrt)
     x = torch.randn(5, D_IN, dtype=torch.float64, requires_grad="x" in wrt)
     g = torch.randn(5, D_OUT, dtype=torch.float64)
-    for a, b in zip(grads(custom, x, f, g, wrt), grads(lambda x, f: dense_branch(x, f), x, f, g, wrt)):
+    for a, b in zip(grads(branch, x, f, g, wrt), grads(lambda x, f: dense_branch(x, f), x, f, g, wrt)):
         torch.testing.assert_close(a, b)
 
 
@@ -144,71 +132,82 @@ def test_low_rank_factors_multiply_to_the_dense_delta(o_dim: str) -> None:
     ) - U @ torch.diag(sigma) @ Vh
     B, A = OF.low_rank_factors(U, Vh, sigma, S, O, o_dim)
     torch.testing.assert_close(B @ A, dense, atol=1e-12, rtol=0)
+    torch.testing.assert_close(OF.delta_weight(U, Vh, sigma, S, O, o_dim).double(), dense, atol=1e-6, rtol=0)
 
 
-def test_exactly_zero_at_init() -> None:
-    f = factors(torch.bfloat16, torch.float32)
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+def test_exactly_zero_at_init(o_dim: str) -> None:
+    f = factors(torch.bfloat16, torch.float32, o_size=D_OUT if o_dim == "output" else D_IN)
     with torch.no_grad():
         f["S"].copy_(f["sigma"])
         f["O"].fill_(1.0)
     x = torch.randn(3, D_IN, dtype=torch.bfloat16, requires_grad=True)
-    y = custom(x, f)
+    y = branch(x, f, o_dim)
     (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
     assert torch.equal(y, torch.zeros_like(y)) and torch.equal(dx, torch.zeros_like(dx))
 
 
-def test_saves_no_per_token_wide_tensor() -> None:
-    """The backward keeps z (tokens × r) and references to the factors, never x or a d_out-wide activation."""
-    f = factors(torch.float32, torch.float32)
-    tokens = 3 * 11
-    x = torch.randn(3, 11, D_IN).requires_grad_()
-    saved: list[torch.Size] = []
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+def test_saves_no_per_token_tensor_wider_than_r(o_dim: str, dtype: torch.dtype) -> None:
+    """Autograd keeps z (tokens × r) for backward, never a d_in- or d_out-wide per-token tensor; with O on the
+    input side ∂L/∂O needs x, and what is kept is x itself (the layer's input, no copy)."""
+    f = factors(dtype, torch.float32, o_size=D_OUT if o_dim == "output" else D_IN)
+    x = torch.randn(3, 13, D_IN, dtype=dtype).requires_grad_()  # 39 tokens: no factor has a dimension of 39
+    saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.shape)
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = OA.OSoRABranch.apply(x, f["U"], f["Vh"], f["sigma"], f["S"], f["O"])
-    per_token = [s for s in saved if s.numel() >= tokens * min(D_IN, D_OUT)]
-    assert per_token == [], per_token
-    assert torch.Size([3, 11, R]) in saved
+        y = branch(x, f, o_dim)
+    per_token = [t for t in saved if t.dim() >= 2 and (tuple(t.shape[:-1]) == (3, 13) or t.shape[0] == 39)]
+    wide = [tuple(t.shape) for t in per_token if t.shape[-1] > R]
+    if o_dim == "output":
+        assert wide == []
+        assert [(t.numel(), t.shape[-1]) for t in per_token] == [(39 * R, R)]  # z = Vᵀx, r per token
+    else:
+        assert [w[-1] for w in wide] == [D_IN]
+        assert all(t.data_ptr() == x.data_ptr() for t in per_token)
     y.sum().backward()
 
 
-def test_input_side_O_uses_plain_path() -> None:
-    f = factors(torch.float64, torch.float64, o_size=D_IN)
-    x = torch.randn(2, 3, D_IN, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 3, D_OUT, dtype=torch.float64)
-    mine = grads(lambda x, f: custom(x, f, "input"), x, f, g)
-    ref = grads(lambda x, f: dense_branch(x, f, "input"), x, f, g)
-    for a, b in zip(mine, ref):
-        torch.testing.assert_close(a, b)
-
-
-def test_double_backward_needs_plain_path() -> None:
-    f = factors(torch.float64, torch.float64)
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+def test_double_backward(o_dim: str) -> None:
+    f = factors(torch.float64, torch.float64, o_size=D_OUT if o_dim == "output" else D_IN)
     x = torch.randn(4, D_IN, dtype=torch.float64, requires_grad=True)
 
     def grad_norm(fn) -> torch.Tensor:
         (dS,) = torch.autograd.grad(fn(x, f).pow(2).sum(), f["S"], create_graph=True)
         return torch.autograd.grad(dS.pow(2).sum(), x)[0]
 
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        grad_norm(custom)
-    with OA.plain_path():
-        mine = grad_norm(custom)
-    torch.testing.assert_close(mine, grad_norm(lambda x, f: dense_branch(x, f)))
+    mine = grad_norm(lambda x, f: branch(x, f, o_dim))
+    torch.testing.assert_close(mine, grad_norm(lambda x, f: dense_branch(x, f, o_dim)))
 
 
-def test_forward_mode_ad_uses_plain_path() -> None:
+def test_forward_mode_ad() -> None:
     import torch.autograd.forward_ad as fwAD
 
     f = factors(torch.float64, torch.float64)
     x, t = torch.randn(4, D_IN, dtype=torch.float64), torch.randn(4, D_IN, dtype=torch.float64)
     with fwAD.dual_level():
-        jvp = fwAD.unpack_dual(custom(fwAD.make_dual(x, t), f)).tangent
+        jvp = fwAD.unpack_dual(branch(fwAD.make_dual(x, t), f)).tangent
     torch.testing.assert_close(jvp, dense_branch(t, f).detach())
+
+
+def test_torch_func_per_example_gradients() -> None:
+    """torch.func.vmap(grad) gives per-example ∂L/∂S, as the dense reference does."""
+    f = factors(torch.float64, torch.float64)
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+
+    def loss(S: torch.Tensor, xi: torch.Tensor, fn) -> torch.Tensor:
+        return fn(xi.unsqueeze(0), {**f, "S": S}).pow(2).sum()
+
+    S = f["S"].detach()
+    mine = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(S, x, branch)
+    ref = torch.stack([torch.func.grad(loss)(S, xi, lambda x, f: dense_branch(x, f)) for xi in x])
+    torch.testing.assert_close(mine, ref)
 
 
 # -- in a model ---------------------------------------------------------------------------------------------------
@@ -224,31 +223,33 @@ def osora_model(**config) -> nn.Module:
     return get_peft_model(tiny_model("llama"), osora.OSoRAConfig(r=4, init_weights=False, **config))
 
 
-@pytest.mark.parametrize("s_parametrization", ["raw", "scaled"])
-def test_model_gradients_match_plain_path(s_parametrization) -> None:
-    model, ids = osora_model(s_parametrization=s_parametrization), tiny_inputs()
-    mine = train_grads(model, ids)
-    with OA.plain_path():
-        ref = train_grads(model, ids)
-    assert len(mine) == 2 * 14
-    for name in ref:
-        torch.testing.assert_close(mine[name], ref[name], atol=1e-6, rtol=1e-4)
+@pytest.mark.parametrize("o_dim", ["output", "input"])
+def test_layer_forward_is_the_merged_delta(o_dim: str) -> None:
+    """One ΔW: the layer's branch equals x (get_delta_weight)ᵀ, the ΔW merge and export add to the weight."""
+    layer = next(m for m in osora_model(o_dim=o_dim).modules() if isinstance(m, OSoRALayer))
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
+    layer.double()
+    delta = layer.get_delta_weight("default")  # (d_out, d_in), formed in float32
+    torch.testing.assert_close(layer.osora_branch("default", x), x @ delta.T, atol=1e-6, rtol=1e-5)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
 
 
-def test_dropout_matches_plain_path() -> None:
+def test_dropout_applies_to_the_branch_input() -> None:
     model, ids = osora_model(dropout=0.3), tiny_inputs()
     model.train()
     torch.manual_seed(5)
-    mine = train_grads(model, ids)
+    first = train_grads(model, ids)
     torch.manual_seed(5)
-    with OA.plain_path():
-        ref = train_grads(model, ids)
+    again = train_grads(model, ids)
     torch.manual_seed(6)
     other = train_grads(model, ids)
-    name = next(iter(ref))
-    assert not torch.allclose(other[name], ref[name])  # dropout is active
-    for name in ref:
-        torch.testing.assert_close(mine[name], ref[name], atol=1e-6, rtol=1e-4)
+    name = next(iter(first))
+    assert len(first) == 2 * 14
+    assert not torch.allclose(other[name], first[name])  # dropout is active
+    for name in first:
+        torch.testing.assert_close(again[name], first[name])
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -292,13 +293,13 @@ def test_branch_compiles_without_graph_break() -> None:
     x = torch.randn(3, 5, D_IN, requires_grad=True)
     g = torch.randn(3, 5, D_OUT)
     torch._dynamo.reset()
-    compiled = torch.compile(custom, backend="aot_eager", fullgraph=True)
-    for a, b in zip(grads(compiled, x, f, g), grads(custom, x, f, g)):
+    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)
+    for a, b in zip(grads(compiled, x, f, g), grads(branch, x, f, g)):
         torch.testing.assert_close(a, b)
 
 
 def test_torch_compile_aot_eager_matches_eager() -> None:
-    """Dynamo and AOTAutograd trace the custom Function (no code generation: fast on CPU)."""
+    """Dynamo and AOTAutograd trace the branch (no code generation: fast on CPU)."""
     compiled_matches_eager("aot_eager")
 
 
@@ -307,21 +308,3 @@ def test_torch_compile_inductor_matches_eager() -> None:
     start = time.perf_counter()
     compiled_matches_eager("inductor")
     print(f"inductor compile + run: {time.perf_counter() - start:.1f} s")
-
-
-def graph_nodes(y: torch.Tensor) -> set[str]:
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is not None and type(fn).__name__ not in seen:
-            seen.add(type(fn).__name__)
-            stack.extend(f for f, _ in fn.next_functions)
-    return seen
-
-
-def test_layer_uses_custom_path_unless_plain() -> None:
-    layer = next(m for m in osora_model().modules() if isinstance(m, OSoRALayer))
-    x = torch.randn(2, 3, layer.in_features)
-    assert "OSoRABranchBackward" in graph_nodes(layer(x))
-    with OA.plain_path():
-        assert "OSoRABranchBackward" not in graph_nodes(layer(x))

@@ -1,0 +1,427 @@
+"""Benchmark: what ``get_peft_model`` costs — OSoRA (default and exact) vs PEFT LoRA vs PEFT PiSSA, side by side.
+
+Two models, every linear layer of every decoder block targeted (q, k, v, o, gate, up, down):
+
+- SmolLM2-135M-Instruct, its real weights (``osora.app.models``, short name ``smollm2-135m-instruct``);
+- a Llama-7B-shaped stack: ``--layers`` decoder blocks of the real 7B dimensions (hidden 4096, MLP 11008), each
+  weight W = U diag(σ) Vᵀ with random orthonormal U, V and a power law σᵢ ∝ i^-α, α per projection type the median
+  of the exponents fitted to SmolLM2's weights of that type (least squares in log-log over i ∈ [2, 0.8 n]).
+
+For r ∈ ``--ranks`` and ``--reps`` repetitions, the four methods run one after another on fresh copies of the
+same base (the order rotates per repetition), so their ratios come from the same minutes of the machine's load.
+Agreement: the mean squared cosine of the principal angles between each method's top-r subspaces and the exact
+ones (the lower of the U and V sides), worst over matrices, and the max relative σ error; the reference is the
+known construction for the 7B stack and the exact (float32 LAPACK) factors for SmolLM2. PiSSA's subspaces are
+read from its lora_B / lora_A (``init_lora_weights="pissa_niter_4"``: ``torch.svd_lowrank`` with r columns, 4
+subspace iterations).
+
+Results are written after every measurement (a partial run leaves a valid JSON) to
+benchmarks/results/init_cost.json; the table goes to benchmarks/README_init_cost.md.
+
+    nice -n 19 python benchmarks/init_cost.py                    # full run (tens of minutes on 2 loaded cores)
+    python benchmarks/init_cost.py --quick                       # SmolLM2 at r=8, 1 rep, to $TMPDIR
+    python benchmarks/init_cost.py --report-only                 # table from the JSON
+    python benchmarks/init_cost.py --calibrate                   # the cost-model constants of osora.svd
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import osora
+from osora.app.provenance import BenchmarkRecord, write_result
+from osora.svd import SVDAccuracyWarning, SVDSpec
+from svd_init import power_law_alpha, stats
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RANKS = [8, 32, 128]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["lora", "pissa", "osora", "osora_exact"]
+LABELS = {"lora": "LoRA", "pissa": "PiSSA", "osora": "OSoRA", "osora_exact": "OSoRA exact"}
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+def smollm2() -> torch.nn.Module:
+    from osora.app.models import load_causal_lm
+
+    model, _ = load_causal_lm("smollm2-135m-instruct", dtype="float32", with_tokenizer=False)
+    return model.eval()
+
+
+def fitted_alphas(model: torch.nn.Module) -> dict[str, float]:
+    """Median power-law exponent of the model's weights per projection type."""
+    by_type: dict[str, list[float]] = {}
+    for name, module in model.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in TARGETS and isinstance(module, torch.nn.Linear):
+            s = torch.linalg.svdvals(module.weight.detach().double()).numpy()
+            by_type.setdefault(kind, []).append(power_law_alpha(s))
+    return {kind: float(np.median(a)) for kind, a in by_type.items()}
+
+
+def llama7b_stack(layers: int, alphas: dict[str, float], seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """``layers`` Llama-7B decoder blocks with power-law weights; returns the model and each weight's exact
+    top factors {module name: (U (d_out, 128), sigma (128,), V (d_in, 128))}."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").float().eval()
+    g = torch.Generator().manual_seed(seed)
+    # one random orthonormal basis per dimension (QR of a Gaussian); each weight gets its own rows permuted and
+    # columns sign-flipped: still exactly orthonormal, and the methods' Gaussian sketches cannot tell the difference
+    bases = {d: torch.linalg.qr(torch.randn(d, 4096, generator=g)).Q for d in (4096, 11008)}  # (d, 4096)
+    refs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            kind = name.rsplit(".", 1)[-1]
+            if kind not in TARGETS:
+                continue
+            d_out, d_in = module.weight.shape
+            U = bases[d_out][torch.randperm(d_out, generator=g)] * _signs(4096, g)  # (d_out, 4096)
+            V = bases[d_in][torch.randperm(d_in, generator=g)] * _signs(4096, g)  # (d_in, 4096)
+            sigma = torch.arange(1, 4097, dtype=torch.float32) ** -alphas[kind]
+            sigma *= 0.02 * (d_out * d_in) ** 0.5 / sigma.norm()  # entries of rms 0.02, like a trained weight
+            module.weight.copy_((U * sigma) @ V.T)
+            refs[name] = (U[:, :128].clone(), sigma[:128].clone(), V[:, :128].clone())
+        model.model.embed_tokens.weight.normal_(0, 0.02, generator=g)
+        model.lm_head.weight.normal_(0, 0.02, generator=g)
+    return model, refs
+
+
+def _signs(k: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (k,), generator=g).float() * 2 - 1
+
+
+def exact_refs(model: torch.nn.Module) -> dict:
+    """Top-128 exact factors of every targeted weight (float32 LAPACK), as {name: (U, sigma, V)}."""
+    refs = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            U, s, Vh = torch.linalg.svd(module.weight.detach().float(), full_matrices=False)
+            refs[name] = (U[:, :128].clone(), s[:128].clone(), Vh[:128].T.clone())
+    return refs
+
+
+# -- methods ----------------------------------------------------------------------------------------------------
+
+
+def peft_config(method: str, r: int) -> Any:
+    from peft import LoraConfig
+
+    if method == "lora":
+        return LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS)
+    if method == "pissa":
+        return LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, init_lora_weights="pissa_niter_4")
+    init = "exact" if method == "osora_exact" else "randomized"
+    return osora.OSoRAConfig(r=r, target_modules=TARGETS, init_method=init)
+
+
+def factors_of(
+    model: torch.nn.Module, method: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(U (d_out, r), sigma (r,), V (d_in, r)) of every adapted weight, read from the adapter's tensors."""
+    out = {}
+    for name, module in model.named_modules():
+        key = name.removeprefix("base_model.model.")
+        if method.startswith("osora") and isinstance(module, osora.OSoRALayer):
+            out[key] = (
+                module.osora_U["default"],
+                module.osora_sigma["default"],
+                module.osora_Vh["default"].T,
+            )
+        elif method == "pissa" and hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
+            # PiSSA: lora_B = U_r diag(√(σ/s)), lora_A = diag(√(σ/s)) V_rᵀ, s = lora_alpha / r = 1 here
+            B = module.lora_B["default"].weight.detach()  # (d_out, r)
+            A = module.lora_A["default"].weight.detach()  # (r, d_in)
+            norms = B.norm(dim=0)  # (r,)
+            out[key] = (B / norms, norms * A.norm(dim=1), (A / A.norm(dim=1, keepdim=True)).T)
+    return out
+
+
+def accuracy(found: dict, refs: dict, r: int) -> dict[str, float]:
+    """Worst agreement and max relative σ error over the matrices (σ compared in descending order)."""
+    worst_sub, worst_sigma = 1.0, 0.0
+    for name, (U, sigma, V) in found.items():
+        Ur, sr, Vr = (t[:, :r] if t.ndim == 2 else t[:r] for t in refs[name])
+        Uq, Vq = (
+            torch.linalg.qr(U.double()).Q,
+            torch.linalg.qr(V.double()).Q,
+        )  # PiSSA's columns: not normalised
+        sub = min(
+            float((Ur.double().T @ Uq).square().sum() / r),
+            float((Vr.double().T @ Vq).square().sum() / r),
+        )
+        s = sigma.double().sort(descending=True).values
+        err = float(((s - sr.double()).abs() / sr.double()).max())
+        worst_sub, worst_sigma = min(worst_sub, sub), max(worst_sigma, err)
+    return {"subspace_agreement_min": worst_sub, "sigma_rel_err_max": worst_sigma}
+
+
+def measure(base: torch.nn.Module, method: str, r: int) -> tuple[float, torch.nn.Module, int, float]:
+    """Wall time of get_peft_model on a fresh copy of ``base``, the adapted model, the number of
+    SVDAccuracyWarnings and the 1-minute load average just before."""
+    from peft import get_peft_model
+
+    model = copy.deepcopy(base)
+    gc.collect()
+    load = os.getloadavg()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SVDAccuracyWarning)
+        t0 = time.perf_counter()
+        peft_model = get_peft_model(model, peft_config(method, r))
+        elapsed = time.perf_counter() - t0
+    warned = sum(issubclass(w.category, SVDAccuracyWarning) for w in caught)
+    return elapsed, peft_model, warned, load
+
+
+def bench_model(
+    label: str,
+    base: torch.nn.Module,
+    refs: dict,
+    ranks: list[int],
+    reps: int,
+    methods: list[str],
+    record: Callable[[], None],
+    into: dict,
+) -> None:
+    """Fill ``into[str(r)][method]`` with times, loads, warnings and accuracy, calling ``record`` after each."""
+    for r in ranks:
+        row = into.setdefault(str(r), {})
+        for rep in range(reps):
+            for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+                entry = row.setdefault(method, {"times_s": [], "load_1min": [], "warnings": 0})
+                elapsed, model, warned, load = measure(base, method, r)
+                entry["times_s"].append(elapsed)
+                entry["load_1min"].append(load)
+                entry["warnings"] += warned
+                if "accuracy" not in entry and method != "lora":
+                    entry["accuracy"] = accuracy(factors_of(model, method), refs, r)
+                entry["time_s"] = stats(entry["times_s"])
+                del model
+                gc.collect()
+                print(f"[{label}] r={r} rep {rep} {method}: {elapsed:.2f} s (load {load:.1f})", flush=True)
+                record()
+
+
+# -- cost-model calibration -------------------------------------------------------------------------------------
+
+
+def calibrate() -> None:
+    """Print the ratios behind osora.svd.EIGH_COST_RATIO and BFLOAT16_PASS_COST on this machine."""
+
+    def best(fn: Callable[[], object], n: int = 3) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    for m, n in [(192, 576), (576, 1536), (576, 576), (1024, 1024), (2048, 2048)]:
+        W, Xk = torch.randn(m, n), torch.randn(n, 48)
+        G, Wb, Xb = W @ W.T, W.bfloat16(), Xk.bfloat16()
+        eigh = best(lambda G=G: torch.linalg.eigh(G))
+        product = best(lambda G=G: G @ G)
+        fp32 = best(lambda W=W, Xk=Xk: W @ Xk)
+        bf16 = best(lambda Wb=Wb, Xb=Xb: Wb @ Xb)
+        print(
+            f"{m}×{n}: eigh of the (m, m) Gram / (m, m)×(m, m) product {eigh / product:.1f}; "
+            f"bf16 / fp32 product with 48 columns {bf16 / fp32:.2f}",
+            flush=True,
+        )
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    hw, git = result["provenance"]["hardware"], result["provenance"]["git"]
+    cfg = result["config"]
+    loads = [
+        x
+        for model in result["models"].values()
+        for row in model["by_r"].values()
+        for entry in row.values()
+        for x in entry["load_1min"]
+    ]
+    lines = [
+        f"{hw['cpu']}, {hw['torch_threads']} torch thread(s), float32 weights; commit {git['commit'][:8]}"
+        f"{' dirty' if git['dirty'] else ''}; `get_peft_model` wall time, median (min) of {cfg['reps']} "
+        f"repetitions (OSoRA exact: {cfg.get('exact_reps_smollm2', 1)}), methods interleaved; 1-minute load average during the run {min(loads):.1f}–{max(loads):.1f} "
+        f"(median {statistics.median(loads):.1f}) on {hw['cores']} cores. Generated by "
+        "`benchmarks/init_cost.py` from `benchmarks/results/init_cost.json`.",
+        "",
+        "| model | r | LoRA (s) | PiSSA (s) | OSoRA (s) | OSoRA exact (s) | OSoRA / LoRA | OSoRA / PiSSA | "
+        "exact / OSoRA | OSoRA agreement (min) | OSoRA σ error (max) | PiSSA agreement (min) | PiSSA σ error (max) "
+        "| OSoRA warnings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in result["models"].values():
+        for r, row in model["by_r"].items():
+
+            def t(method: str, row: dict = row) -> str:
+                e = row.get(method)
+                if not e:
+                    return "—"
+                return f"{e['time_s']['median']:.2f} ({e['time_s']['min']:.2f})"
+
+            def ratio(a: str, b: str, row: dict = row) -> str:
+                if a not in row or b not in row:
+                    return "—"
+                return f"{row[a]['time_s']['median'] / row[b]['time_s']['median']:.2f}×"
+
+            def acc(method: str, key: str, fmt: str, row: dict = row) -> str:
+                e = row.get(method, {}).get("accuracy")
+                return format(e[key], fmt) if e else "—"
+
+            warned = row["osora"]["warnings"] if "osora" in row else "—"
+            lines.append(
+                f"| {model['label']} | {r} | {t('lora')} | {t('pissa')} | {t('osora')} | {t('osora_exact')} | "
+                f"{ratio('osora', 'lora')} | {ratio('osora', 'pissa')} | {ratio('osora_exact', 'osora')} | "
+                f"{acc('osora', 'subspace_agreement_min', '.5f')} | {acc('osora', 'sigma_rel_err_max', '.1e')} | "
+                f"{acc('pissa', 'subspace_agreement_min', '.5f')} | {acc('pissa', 'sigma_rel_err_max', '.1e')} | "
+                f"{warned} |"
+            )
+    alphas = result.get("alphas")
+    if alphas:
+        lines += [
+            "",
+            "7B stack spectra: σᵢ ∝ i^-α with α per projection the median fitted to SmolLM2-135M's weights ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in alphas.items())
+            + "). Agreement: mean squared cosine of the principal angles to the exact top-r subspaces, the lower "
+            "of U and V, worst over all adapted matrices; reference: the construction (7B stack) or the exact "
+            "SVD (SmolLM2). LoRA computes no SVD.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 at r=8, 1 rep (a smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder blocks of the 7B-shaped stack (0: none)"
+    )
+    parser.add_argument(
+        "--exact-7b-ranks",
+        type=int,
+        nargs="*",
+        default=[32],
+        help="ranks at which OSoRA exact is timed on the 7B stack (its full SVDs take minutes; it does not "
+        "depend on r), one repetition",
+    )
+    parser.add_argument(
+        "--exact-reps",
+        type=int,
+        default=1,
+        help="repetitions of OSoRA exact on SmolLM2 (it does not depend on r)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result JSON (default: results/init_cost.json)"
+    )
+    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table from --out")
+    parser.add_argument("--calibrate", action="store_true", help="print the cost-model ratios and exit")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.calibrate:
+        calibrate()
+        return
+    if args.out is None:
+        quick_dir = Path(tempfile.gettempdir()) / "osora-bench-quick"
+        args.out = quick_dir / "init_cost.json" if args.quick else RESULTS / "init_cost.json"
+    if args.readme is None:
+        committed = args.out.resolve() == (RESULTS / "init_cost.json").resolve()
+        args.readme = HERE / "README_init_cost.md" if committed else args.out.with_name("README_init_cost.md")
+    if args.report_only:
+        result = json.loads(args.out.read_text())
+    else:
+        ranks, reps, layers = ([8], 1, 0) if args.quick else (args.ranks, args.reps, args.layers)
+        argv_used = sys.argv[1:] if argv is None else argv
+        record = BenchmarkRecord(
+            "init_cost",
+            {
+                "ranks": ranks,
+                "reps": reps,
+                "layers_7b": layers,
+                "exact_7b_ranks": args.exact_7b_ranks,
+                "exact_reps_smollm2": args.exact_reps,
+                "targets": TARGETS,
+                "osora_svd_spec": dataclasses.asdict(SVDSpec()),
+                "pissa": "init_lora_weights='pissa_niter_4'",
+                "argv": argv_used,
+            },
+            command=" ".join(["python", "benchmarks/init_cost.py", *argv_used]),
+        )
+        results: dict[str, Any] = {"alphas": {}, "models": {}}
+
+        def record_results() -> None:  # after every measurement: a partial run still leaves a complete file
+            write_result(args.out, record.finish(**results))
+
+        smol = smollm2()
+        results["alphas"] = fitted_alphas(smol)
+        entry = results["models"].setdefault("smollm2", {"label": "SmolLM2-135M (210 matrices)", "by_r": {}})
+        fast = [m for m in METHODS if m != "osora_exact"]
+        refs = exact_refs(smol)
+        bench_model("smollm2", smol, refs, ranks, reps, fast, record_results, entry["by_r"])
+        bench_model(
+            "smollm2", smol, refs, ranks, args.exact_reps, ["osora_exact"], record_results, entry["by_r"]
+        )
+        del smol
+        gc.collect()
+        if layers:
+            stack, refs = llama7b_stack(layers, results["alphas"])
+            label = f"Llama-7B-shaped, {layers} blocks ({7 * layers} matrices)"
+            entry = results["models"].setdefault("llama7b", {"label": label, "by_r": {}})
+            bench_model("llama7b", stack, refs, ranks, reps, fast, record_results, entry["by_r"])
+            exact_ranks = [r for r in args.exact_7b_ranks if r in ranks]
+            bench_model(
+                "llama7b", stack, refs, exact_ranks, 1, ["osora_exact"], record_results, entry["by_r"]
+            )
+        record_results()
+        result = json.loads(args.out.read_text())
+    table = markdown(result)
+    args.readme.write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.readme}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

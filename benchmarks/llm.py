@@ -1,0 +1,793 @@
+"""The paper's LLM experiments: commonsense and GSM8K, OSoRA against LoRA, VeRA, PiSSA, DoRA and full fine-tuning.
+
+One runner, the same data, schedule and step budget for every method (SmolLM2-135M-Instruct by default, any
+model folder, short name or hub id with ``--model``). Prompts are the model's chat template; the loss is on the
+response only (:mod:`osora.app.data`).
+
+Tasks:
+  commonsense  train on an equal mix of the BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA training sets; test on
+               a fixed subset of each test set and their average. An answer is scored by the log-likelihood
+               ranking of the options ("the correct answer is answer1" ... under the model), not by generation:
+               no parse failures, one forward pass per question, lower noise.
+  gsm8k        train on GSM8K train; test: exact match of the greedy completion's last number with the reference
+               (the paper's extraction, :data:`osora.app.scoring.TASKS`), plus the mean per-token negative
+               log-likelihood of the reference solutions (a low-noise second measure).
+
+Protocol (the same for every method):
+  1. The training sets are shuffled with ``--data-seed``; the first records train, the next ones form a held-out
+     *selection* slice. Test sets are never used to choose anything.
+  2. Each method's learning rate comes from a log grid (``--grid-points`` values ``--grid-step`` apart, centred on
+     :data:`LR_CENTRE`), trained with the first seed and scored on the selection slice (commonsense: accuracy;
+     GSM8K: reference NLL). The best rate (a tie goes to the lower) is trained with every other seed; the table
+     reports mean ± std over the seeds.
+  3. Runs are scheduled in passes so that a benchmark cut short still answers the main questions: every method at
+     its grid centre, then the rest of the grids, then the extra seeds.
+
+Every finished run is written at once to ``benchmarks/results/llm_<task>_<scale>.json`` (config, git commit and
+dirty flag, package versions, hardware, every run with its wall time, peak memory, trainable parameters and
+adapter bytes) and reused by the next invocation with the same setup, so the benchmark completes over several
+invocations; ``--time-budget`` stops starting new runs. The README table (``benchmarks/README_llm_<task>.md``,
+placed by ``benchmarks/update_readme.py``, whose ``--check`` regenerates it from the JSON) and a PNG of accuracy
+against trainable parameters (log x) are rewritten from the JSON after every run.
+
+Example (the CPU preset, one invocation, resumable):
+    nice -n 19 python benchmarks/llm.py --task commonsense --scale cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from osora.app.provenance import BenchmarkRecord, provenance, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
+
+from glue import lr_grid  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+COMMONSENSE_SETS = ("boolq", "arc_e", "arc_c", "obqa")
+
+
+# -- methods --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the table: a method of the registry (:data:`osora.app.methods.METHODS`) and its rank."""
+
+    name: str  # osora, osora-S, osora-O, lora, vera, pissa, dora, full, or "base" (no training)
+    r: int = 0
+    lr_centre: float = 0.0
+
+
+#: Rank of OSoRA's "largest the matrices allow" row: min(d_in, d_out) of SmolLM2-135M's largest matrices
+#: (hidden size 576); the k/v projections (576 -> 192) are clamped to 192 by OSoRA itself.
+OSORA_RMAX = 576
+
+#: The rows, most informative first. VeRA at r=32 trains r + d_out numbers per matrix: exactly OSoRA r=32's count.
+#: Grid centres: the methods' usual rates for short LLM schedules; vector methods take larger ones.
+ROWS: dict[str, Row] = {
+    "base": Row("base"),
+    "osora-r32": Row("osora", 32, 1e-2),
+    "lora-r8": Row("lora", 8, 1e-3),
+    "vera-r32": Row("vera", 32, 1e-2),
+    "osora-S-r32": Row("osora-S", 32, 1e-2),
+    "osora-O-r32": Row("osora-O", 32, 1e-2),
+    "osora-r8": Row("osora", 8, 1e-2),
+    "osora-r128": Row("osora", 128, 1e-2),
+    f"osora-r{OSORA_RMAX}": Row("osora", OSORA_RMAX, 1e-2),
+    "lora-r32": Row("lora", 32, 1e-3),
+    "pissa-r8": Row("pissa", 8, 3e-4),
+    "dora-r8": Row("dora", 8, 1e-3),
+    "full": Row("full", 0, 3e-5),
+}
+
+
+# -- scales ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What one invocation trains and scores; every field is part of the setup that decides run reuse."""
+
+    train_size: int  # training records (commonsense: split equally over the four sets)
+    select_size: int  # held-out selection records (commonsense: per set)
+    test_size: int  # test records per test set; 0: all
+    max_length: int  # training records longer than this (prompt + response) are counted and skipped
+    steps: int
+    batch_size: int
+    warmup_ratio: float = 0.1
+    max_new_tokens: int = 256  # GSM8K generation
+    eval_batch_size: int = 16
+    seeds: tuple[int, ...] = (0, 1, 2)
+    grid_points: int = 3
+    grid_step: float = math.sqrt(10)
+
+
+#: (task, scale) -> setup. The CPU preset is the issue's reduced scale (128-160 token records, 100 steps, 100 test
+#: records per set); its cost on idle cores is not measured yet (on 2 cores shared with five other jobs, scoring the
+#: base model on commonsense took 35 minutes). The GPU preset uses the full test sets and more data.
+SCALES: dict[tuple[str, str], Scale] = {
+    ("commonsense", "cpu"): Scale(800, 25, 100, 160, 100, 8, max_new_tokens=0),
+    ("gsm8k", "cpu"): Scale(800, 64, 100, 256, 100, 8, max_new_tokens=200),
+    ("commonsense", "gpu"): Scale(16000, 250, 0, 256, 1000, 16, max_new_tokens=0, eval_batch_size=64),
+    ("gsm8k", "gpu"): Scale(7000, 400, 0, 512, 1000, 16, max_new_tokens=400, eval_batch_size=64),
+}
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    from osora.app.data import load_records
+
+    return load_records(str(path))
+
+
+def load_data(task: str, data_dir: Path, scale: Scale, data_seed: int) -> dict[str, Any]:
+    """{"train": records, "select": records, "test": {set name: records}} for ``task``."""
+    rng = random.Random(data_seed)
+    if task == "commonsense":
+        train: list[dict[str, Any]] = []
+        select: list[dict[str, Any]] = []
+        test = {}
+        per_set = scale.train_size // len(COMMONSENSE_SETS)
+        for name in COMMONSENSE_SETS:
+            records = _read(data_dir / name / "train.json")
+            rng.shuffle(records)
+            if len(records) < per_set + scale.select_size:
+                raise SystemExit(f"{data_dir / name}: {len(records)} training records, fewer than needed")
+            train += [{**r, "set": name} for r in records[:per_set]]
+            select += [{**r, "set": name} for r in records[per_set : per_set + scale.select_size]]
+            test[name] = [{**r, "set": name} for r in _read(data_dir / name / "test.json")][
+                : scale.test_size or None
+            ]
+        rng.shuffle(train)
+        return {"train": train, "select": select, "test": test}
+    records = _read(data_dir / "train.jsonl")
+    rng.shuffle(records)
+    if len(records) < scale.train_size + scale.select_size:
+        raise SystemExit(f"{data_dir}: {len(records)} training records, fewer than needed")
+    return {
+        "train": records[: scale.train_size],
+        "select": records[scale.train_size : scale.train_size + scale.select_size],
+        "test": {"gsm8k": _read(data_dir / "test.jsonl")[: scale.test_size or None]},
+    }
+
+
+# -- scorers (pure given a log-probability function) ----------------------------------------------------------------
+
+
+def answer_options(record: dict[str, Any]) -> list[str]:
+    """The answer words a commonsense question offers: its "Answer format: a/b/c" line (LLM-Adapters' layout)."""
+    text = str(record["instruction"])
+    if "Answer format:" not in text:
+        raise ValueError(f"no 'Answer format:' line in {text[-120:]!r}")
+    return [w.strip() for w in text.rsplit("Answer format:", 1)[1].strip().split("/") if w.strip()]
+
+
+def option_response(record: dict[str, Any], option: str) -> str:
+    """The training response with ``option`` as the answer ("the correct answer is answer2")."""
+    output, answer = str(record["output"]), str(record["answer"])
+    if not output.endswith(answer):
+        raise ValueError(f"output {output!r} does not end with its answer {answer!r}")
+    return output[: len(output) - len(answer)] + option
+
+
+@dataclass
+class ChoiceRequest:
+    """How to score one question's options: one forward pass of ``context`` when the options' token sequences
+    differ only in their last token (read at ``tokens``), else one pass per option (``sequences``)."""
+
+    context: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    sequences: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt ids, response ids)
+
+
+def choice_request(prompt_ids: list[int], option_ids: Sequence[list[int]]) -> ChoiceRequest:
+    """The cheapest exact way to get log p(option | prompt) for each option (up to a shared prefix's term)."""
+    common = 0
+    while all(len(ids) > common + 1 for ids in option_ids) and len({ids[common] for ids in option_ids}) == 1:
+        common += 1
+    if all(len(ids) == common + 1 for ids in option_ids) and len({ids[-1] for ids in option_ids}) == len(
+        option_ids
+    ):
+        return ChoiceRequest(
+            context=prompt_ids + list(option_ids[0][:common]), tokens=[ids[-1] for ids in option_ids]
+        )
+    return ChoiceRequest(sequences=[(prompt_ids, list(ids)) for ids in option_ids])
+
+
+def pick_option(scores: Sequence[float]) -> int:
+    """The index of the most likely option (the first of equals)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def gsm8k_exact_match(completion: str, record: dict[str, Any]) -> bool:
+    """The paper's GSM8K scoring: the completion's last number equals the reference after ``####``."""
+    from osora.app.scoring import TASKS
+
+    return TASKS["gsm8k"].score(completion, record)[2]
+
+
+# -- model-side evaluation ------------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _right_pad(seqs: Sequence[list[int]], pad: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int):
+    """(summed log p(response | prompt), response length) for each (prompt ids, response ids) pair."""
+    import torch
+
+    out: list[tuple[float, int]] = []
+    with torch.no_grad():
+        for batch in _batches(pairs, batch_size):
+            ids, mask = _right_pad([p + r for p, r in batch], pad)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, seq, vocab)
+            for i, (p, r) in enumerate(batch):
+                logp = torch.log_softmax(
+                    logits[i, len(p) - 1 : len(p) + len(r) - 1].float(), -1
+                )  # (len(r), vocab)
+                out.append((float(logp.gather(1, torch.tensor(r)[:, None]).sum()), len(r)))
+    return out
+
+
+def next_token_logprobs(model: Any, contexts: Sequence[list[int]], pad: int, batch_size: int):
+    """log p(next token | context) over the vocabulary, one row per context.
+
+    Left-padded with explicit positions (so padding changes nothing) and the LM head run on the last position only.
+    """
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for batch in _batches(contexts, batch_size):
+            width = max(len(c) for c in batch)
+            ids = torch.tensor([[pad] * (width - len(c)) + c for c in batch])  # (batch, width)
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in batch])
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits
+            rows += list(torch.log_softmax(logits[:, -1].float(), -1))  # (batch, vocab)
+    return rows
+
+
+def prompt_ids(tokenizer: Any, record: dict[str, Any], fmt: str) -> list[int]:
+    from osora.app.data import make_prompt
+
+    return tokenizer(make_prompt(record, fmt, "chat", tokenizer), add_special_tokens=False)["input_ids"]
+
+
+def choice_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
+    """Accuracy of the log-likelihood ranking of each question's options."""
+    requests, answers = [], []
+    for record in records:
+        options = answer_options(record)
+        ids = [tokenizer(option_response(record, o), add_special_tokens=False)["input_ids"] for o in options]
+        requests.append(choice_request(prompt_ids(tokenizer, record, "commonsense"), ids))
+        answers.append(options.index(str(record["answer"]).strip().lower()))
+    pad = tokenizer.pad_token_id
+    fast = [q for q in requests if q.tokens]
+    rows = iter(next_token_logprobs(model, [q.context for q in fast], pad, batch_size))
+    slow = [pair for q in requests for pair in q.sequences]
+    sums = iter(s for s, _ in response_logprobs(model, slow, pad, batch_size))
+    correct = 0
+    for q, answer in zip(requests, answers):
+        scores = [float(v) for v in next(rows)[q.tokens]] if q.tokens else [next(sums) for _ in q.sequences]
+        correct += pick_option(scores) == answer
+    return correct / len(records)
+
+
+def reference_nll(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
+    """Mean per-token negative log-likelihood of the reference responses (+ EOS, as trained), all tokens pooled."""
+    pairs = [
+        (
+            prompt_ids(tokenizer, r, "gsm8k"),
+            tokenizer(r["answer"].strip() + tokenizer.eos_token, add_special_tokens=False)["input_ids"],
+        )
+        for r in records
+    ]
+    scored = response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size)
+    return -sum(s for s, _ in scored) / sum(n for _, n in scored)
+
+
+def gsm8k_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], scale: Scale):
+    """(exact-match accuracy, completions) of greedy generation."""
+    from osora.app.data import make_prompt
+    from osora.app.evaluate import generate
+
+    tokenizer.padding_side = "left"
+    prompts = [make_prompt(r, "gsm8k", "chat", tokenizer) for r in records]
+    completions = generate(
+        model,
+        tokenizer,
+        prompts,
+        scale.eval_batch_size,
+        scale.max_new_tokens,
+        add_special_tokens=False,  # the chat template holds them
+        progress=False,
+    )
+    tokenizer.padding_side = "right"
+    return sum(gsm8k_exact_match(c, r) for c, r in zip(completions, records)) / len(records), completions
+
+
+# -- one run --------------------------------------------------------------------------------------------------------
+
+
+def run_one(
+    task: str, key: str, lr: float, seed: int, args: argparse.Namespace, scale: Scale, data: dict[str, Any]
+) -> dict[str, Any]:
+    """Train ``key`` (a :data:`ROWS` row) at ``lr`` with ``seed``, score it; the run's result row."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from osora.app.classify import adapter_bytes
+    from osora.app.config import DataConfig, MethodConfig
+    from osora.app.data import build_train_dataset
+    from osora.app.models import load_causal_lm
+    from osora.app.params import count_parameters
+    from osora.app.provenance import peak_memory_bytes, reset_peak_memory
+    from osora.app.train import apply_method
+
+    method = ROWS[key]
+    reset_peak_memory()
+    started = time.time()
+    set_seed(seed)
+    model, tokenizer = load_causal_lm(args.model, dtype="float32")
+    tokenizer.padding_side = "right"
+    row: dict[str, Any] = {"method": key, "lr": lr, "seed": seed, "steps": 0}
+    if method.name != "base":
+        fmt = "commonsense" if task == "commonsense" else "gsm8k"
+        data_cfg = DataConfig(format=fmt, prompt="chat", max_length=scale.max_length)  # type: ignore[arg-type]
+        train_set, report = build_train_dataset(data["train"], tokenizer, data_cfg)
+        row["train_records"] = {"kept": report.kept, "skipped": dict(report.skipped)}
+        model = apply_method(
+            model, MethodConfig(name=method.name, fields={"r": method.r} if method.r else {})
+        )
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=str(Path(args.work_dir) / "trainer"),
+                max_steps=scale.steps,
+                learning_rate=lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=scale.warmup_ratio,
+                per_device_train_batch_size=scale.batch_size,
+                save_strategy="no",
+                report_to=[],
+                logging_steps=10,
+                seed=seed,
+                disable_tqdm=True,
+            ),
+            train_dataset=train_set,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        )
+        result = trainer.train()
+        row["steps"] = trainer.state.global_step
+        row["train_loss"] = result.training_loss
+        row["loss_curve"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    row["train_seconds"] = time.time() - started
+    row["trainable_params"], row["total_params"] = count_parameters(model)
+    if method.name == "base":
+        row["trainable_params"] = 0
+    row["adapter_bytes"] = adapter_bytes(model) if method.name not in {"base", "full"} else 0
+    if method.name == "full":
+        row["adapter_bytes"] = 4 * row["trainable_params"]  # the whole fp32 model is the "adapter"
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # scoring on merged weights: no adapter cost per token
+    model.eval()
+    evaluated = time.time()
+    if task == "commonsense":
+        row["select_acc"] = choice_accuracy(model, tokenizer, data["select"], scale.eval_batch_size)
+        row["test_acc"] = {
+            name: choice_accuracy(model, tokenizer, records, scale.eval_batch_size)
+            for name, records in data["test"].items()
+        }
+        row["test_acc"]["average"] = statistics.fmean(row["test_acc"].values())
+    else:
+        row["select_nll"] = reference_nll(model, tokenizer, data["select"], scale.eval_batch_size)
+        row["test_nll"] = reference_nll(model, tokenizer, data["test"]["gsm8k"], scale.eval_batch_size)
+        accuracy, completions = gsm8k_accuracy(model, tokenizer, data["test"]["gsm8k"], scale)
+        row["test_acc"] = {"gsm8k": accuracy}
+        row["completion_samples"] = completions[:3]
+    row["eval_seconds"] = time.time() - evaluated
+    row["peak_memory_bytes"] = peak_memory_bytes()
+    row["torch_threads"] = torch.get_num_threads()
+    return row
+
+
+# -- protocol, summary ----------------------------------------------------------------------------------------------
+
+
+def selection_score(task: str, row: dict[str, Any]) -> float:
+    """Higher is better: held-out accuracy (commonsense) or minus the held-out reference NLL (GSM8K)."""
+    return row["select_acc"] if task == "commonsense" else -row["select_nll"]
+
+
+def grids(methods: Sequence[str], scale: Scale) -> dict[str, list[float]]:
+    return {
+        m: [0.0] if ROWS[m].name == "base" else lr_grid(ROWS[m].lr_centre, scale.grid_points, scale.grid_step)
+        for m in methods
+    }
+
+
+def best_lr(task: str, runs: Sequence[dict[str, Any]], method: str, seed: int) -> float | None:
+    """The rate of the best selection score among ``method``'s runs with ``seed`` (a tie: the lower rate)."""
+    sweep = [r for r in runs if r["method"] == method and r["seed"] == seed]
+    if not sweep:
+        return None
+    return max(sweep, key=lambda r: (selection_score(task, r), -r["lr"]))["lr"]
+
+
+def schedule(
+    task: str, runs: Sequence[dict[str, Any]], methods: Sequence[str], scale: Scale
+) -> list[tuple[str, float, int]]:
+    """The runs still to do, in passes: every method at its grid centre, the rest of the grids, the extra seeds.
+
+    The extra seeds of a method wait until its grid is complete (the pick is only known then)."""
+    done = {(r["method"], r["lr"], r["seed"]) for r in runs}
+    grid = grids(methods, scale)
+    first = scale.seeds[0]
+    todo: list[tuple[str, float, int]] = []
+    todo += [(m, grid[m][len(grid[m]) // 2], first) for m in methods]
+    todo += [(m, lr, first) for m in methods for lr in grid[m]]
+    for m in methods:
+        if all((m, lr, first) in done for lr in grid[m]):
+            lr = best_lr(task, runs, m, first)
+            todo += [(m, lr, s) for s in (scale.seeds if ROWS[m].name != "base" else ()) if lr is not None]
+    seen: set[tuple[str, float, int]] = set()
+    return [k for k in todo if not (k in done or k in seen or seen.add(k))]  # type: ignore[func-returns-value]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(
+    task: str, runs: Sequence[dict[str, Any]], methods: Sequence[str], scale: Scale
+) -> list[dict[str, Any]]:
+    """One row per method with runs: the rate picked so far, mean ± std over the seeds run at it, costs."""
+    grid = grids(methods, scale)
+    rows = []
+    for m in methods:
+        lr = best_lr(task, runs, m, scale.seeds[0])
+        if lr is None:
+            continue
+        final = [r for r in runs if r["method"] == m and r["lr"] == lr]
+        tried = sorted(r["lr"] for r in runs if r["method"] == m and r["seed"] == scale.seeds[0])
+        row: dict[str, Any] = {
+            "method": m,
+            "best_lr": lr,
+            "grid": grid[m],
+            "lrs_tried": tried,
+            "grid_complete": tried == sorted(grid[m]),
+            "best_lr_at_grid_edge": len(grid[m]) > 1 and lr in (min(grid[m]), max(grid[m])),
+            "seeds": sorted(r["seed"] for r in final),
+            "trainable_params": final[0]["trainable_params"],
+            "adapter_bytes": final[0]["adapter_bytes"],
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in final),
+            "peak_memory_mb": max(r["peak_memory_bytes"] for r in final) / 2**20,
+            "test": {},
+        }
+        for name in final[0]["test_acc"]:
+            row["test"][name] = _mean_std([100 * r["test_acc"][name] for r in final])
+        if task == "gsm8k":
+            row["test"]["nll"] = _mean_std([r["test_nll"] for r in final])
+            row["select_nll_by_lr"] = {
+                str(r["lr"]): r["select_nll"]
+                for r in runs
+                if r["method"] == m and r["seed"] == scale.seeds[0]
+            }
+        else:
+            row["select_acc_by_lr"] = {
+                str(r["lr"]): r["select_acc"]
+                for r in runs
+                if r["method"] == m and r["seed"] == scale.seeds[0]
+            }
+        rows.append(row)
+    return rows
+
+
+def headline(task: str) -> str:
+    return "average" if task == "commonsense" else "gsm8k"
+
+
+# -- table and plot -------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The README table of one result file."""
+    task, cfg = report["task"], report["config"]
+    scale, git = cfg["scale"], report["provenance"]["git"]
+    sets = [*COMMONSENSE_SETS, "average"] if task == "commonsense" else ["gsm8k", "nll"]
+    names = {"average": "avg", "nll": "ref NLL", "gsm8k": "GSM8K EM"}
+    measure = (
+        "accuracy (%) by log-likelihood ranking of the answer options"
+        if task == "commonsense"
+        else "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
+    )
+    lines = [
+        f"<!-- generated by benchmarks/llm.py from {report['output_json']}; do not edit by hand -->",
+        f"**{task}** ({cfg['scale_name']} scale), `{cfg['model']}`: {scale['steps']} steps × {scale['batch_size']} "
+        f"records of ≤ {scale['max_length']} tokens ({scale['train_size']} training records), cosine schedule; "
+        f"test: {measure}, first {scale['test_size'] or 'all'} records of each test set; mean ± std over the seeds "
+        f"run at the picked rate. Learning rate picked per method on a held-out slice of the training data "
+        f"({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart). "
+        f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
+        "",
+        "| method | "
+        + " | ".join(names.get(s, s) for s in sets)
+        + " | trainable params | adapter bytes | lr (grid done) | seeds | train time (s) | peak mem (MB) |",
+        "|---|" + "---|" * (len(sets) + 6),
+    ]
+    for row in report["summary"]:
+        cells = []
+        for s in sets:
+            mean, std = row["test"][s]
+            cells.append(f"{mean:.3f} ± {std:.3f}" if s == "nll" else f"{mean:.1f} ± {std:.1f}")
+        grid_text = (
+            "–"
+            if row["grid"] == [0.0]
+            else (
+                f"{row['best_lr']:g} ({len(row['lrs_tried'])}/{len(row['grid'])}{', edge' if row['best_lr_at_grid_edge'] else ''})"
+            )
+        )
+        train_time = f"{row['train_seconds_mean']:.0f}" if row["trainable_params"] else "–"
+        lines.append(
+            f"| {row['method']} | "
+            + " | ".join(cells)
+            + f" | {row['trainable_params']:,} | {row['adapter_bytes']:,} | "
+            f"{grid_text} | {len(row['seeds'])} | {train_time} | {row['peak_memory_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        '"lr (grid done)": the picked rate and how many of the grid\'s rates were trained ("edge": the pick is an '
+        "end of the grid); a row with fewer than all rates or one seed is unfinished. Train time is wall clock per run "
+        "(model load and training; scoring not included), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
+        "shared CPU both are noisy.",
+        "",
+        f"Command (resumable; {len(report['runs'])} runs so far): `{report['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = report["task"]
+    key = headline(task)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in report["summary"]:
+        mean, std = row["test"][key]
+        if row["trainable_params"] == 0:
+            ax.axhline(mean, color="grey", ls="--", lw=1, label=f"{row['method']} (untrained)")
+            continue
+        ax.errorbar(row["trainable_params"], mean, yerr=std, fmt="o", capsize=3)
+        ax.annotate(
+            row["method"],
+            (row["trainable_params"], mean),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"{task} test accuracy (%)" + (", average of 4 sets" if task == "commonsense" else ""))
+    ax.set_title(f"{task}, {report['config']['model']}: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def readme_name(task: str, scale: str) -> str:
+    """The table's name: ``<!-- bench:NAME -->`` in README.md, ``benchmarks/README_NAME.md``,
+    ``benchmarks/results/NAME.json``."""
+    return f"llm_{task}_{scale}"
+
+
+def render(json_path: Path) -> str:
+    """The table of a committed result file (what ``update_readme.py --check`` compares with README_llm_*.md)."""
+    return markdown(as_record(json.loads(json_path.read_text())))
+
+
+# -- main -----------------------------------------------------------------------------------------------------------
+
+
+def as_record(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` in the shape of :class:`osora.app.provenance.BenchmarkRecord` (files written before this runner
+    used it kept their git state and environment at the top level; their runs get that git state)."""
+    if "provenance" in report:
+        return report
+    old = report
+    for run in old["runs"]:
+        run.setdefault("git", old["git"])
+    config = {
+        "scale_name": old["config"]["scale"],
+        **{k: old["config"][k] for k in ("model", "methods", "data_seed")},
+    }
+    config |= {
+        "setup": old["setup"],
+        "scale": old["scale"],
+        "rows": old["methods"],
+        "lr_grids": old["lr_grids"],
+    }
+    return {
+        "benchmark": "llm",
+        "command": old["command"],
+        "config": {**config, "protocol": old["protocol"]},
+        # this machine and venv as now, with the git state and date of the invocation that wrote the runs
+        "provenance": {
+            **provenance(),
+            "git": old["git"],
+            "date_utc": max((r["finished_at"] for r in old["runs"]), default=None),
+        },
+        "wall_s": sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in old["runs"]),
+        "peak_memory_bytes": max((r["peak_memory_bytes"] for r in old["runs"]), default=0),
+        **{k: old[k] for k in ("task", "output_json", "runs", "summary") if k in old},
+    }
+
+
+#: Scale fields that do not change a run's result (which runs to do, how fast to score), left out of the setup.
+NOT_SETUP = ("seeds", "grid_points", "grid_step", "eval_batch_size")
+
+
+def setup_of(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
+    """What decides whether an earlier run can be reused: model, data, and the scale's training and test sizes."""
+    fields = {k: v for k, v in asdict(scale).items() if k not in NOT_SETUP}
+    return {"model": args.model, "data_dir": str(args.data_dir), "data_seed": args.data_seed, **fields}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("commonsense", "gsm8k"), required=True)
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="short name, model folder or hub id")
+    p.add_argument("--data-dir", type=Path, help="default: ../shared/data/<task> next to the repository")
+    p.add_argument("--methods", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, help="default: the scale's (0 1 2)")
+    p.add_argument("--steps", type=int, help="override the scale's step budget")
+    p.add_argument("--test-size", type=int, help="override the scale's test records per set (0: all)")
+    p.add_argument("--train-size", type=int, help="override the scale's training records")
+    p.add_argument(
+        "--select-size", type=int, help="override the scale's held-out records (commonsense: per set)"
+    )
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument(
+        "--time-budget", type=float, default=2.5 * 3600, help="seconds; no new run starts after it"
+    )
+    p.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs (0: no limit)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--readme-dir", type=Path, default=ROOT / "benchmarks")
+    p.add_argument("--work-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "osora-bench-llm"))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); on an oversubscribed CPU 1 is several times faster",
+    )
+    p.add_argument("--render", action="store_true", help="only rewrite the table and plot from the JSON")
+    args = p.parse_args(argv)
+    if args.data_dir is None:  # ../shared/data next to the checkout (or next to the folder of worktrees)
+        found = [d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()]
+        args.data_dir = (found[0] if found else ROOT.parent / "shared" / "data") / args.task
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scale = SCALES[(args.task, args.scale)]
+    overrides = {
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "steps": args.steps,
+        "test_size": args.test_size,
+    }
+    overrides |= {"train_size": args.train_size, "select_size": args.select_size}
+    scale = replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{readme_name(args.task, args.scale)}.json"
+    png_path = json_path.with_suffix(".png")
+    readme_path = args.readme_dir / f"README_{readme_name(args.task, args.scale)}.md"
+    setup = setup_of(args, scale)
+    earlier: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if earlier:
+        earlier = as_record(earlier)
+        if earlier["config"]["setup"] != setup:
+            changed = sorted(k for k in setup if earlier["config"]["setup"].get(k) != setup[k])
+            print(
+                f"{json_path} holds runs of another setup (differs in {', '.join(changed)}); pass --out DIR to "
+                "keep both",
+                file=sys.stderr,
+            )
+            return 2
+    runs: list[dict[str, Any]] = earlier.get("runs", [])
+    results = {
+        "task": args.task,
+        "output_json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
+        "runs": runs,
+    }
+
+    def save(result: dict[str, Any]) -> None:
+        result["summary"] = summarise(args.task, runs, result["config"]["methods"], scale)
+        write_result(json_path, result)
+        if result["summary"]:
+            plot(result, png_path)
+            readme_path.write_text(markdown(result))
+
+    if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
+        if earlier:
+            save(earlier)
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = {
+        "scale_name": args.scale,
+        "model": args.model,
+        "methods": args.methods,
+        "data_seed": args.data_seed,
+        "setup": setup,
+        "scale": asdict(scale),
+        "rows": {m: asdict(ROWS[m]) for m in args.methods},
+        "lr_grids": grids(args.methods, scale),
+        "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
+    }
+    command = " ".join(["python", "benchmarks/llm.py", *(sys.argv[1:] if argv is None else argv)])
+    record = BenchmarkRecord("llm", config, command=command)  # provenance taken before anything is written
+    data = load_data(args.task, args.data_dir, scale, args.data_seed)
+    started, new = time.time(), 0
+    while todo := schedule(args.task, runs, args.methods, scale):
+        if time.time() - started > args.time_budget or (args.max_runs and new >= args.max_runs):
+            print(f"stopping: budget reached; {len(todo)} runs left (run the same command again)", flush=True)
+            break
+        key, lr, seed = todo[0]
+        print(f"run {key} lr={lr:g} seed={seed} ({len(todo)} left)", flush=True)
+        row = run_one(args.task, key, lr, seed, args, scale, data)
+        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        row["git"] = record.provenance["git"]
+        runs.append(row)
+        new += 1
+        print(
+            json.dumps({k: v for k, v in row.items() if k not in {"loss_curve", "completion_samples"}}),
+            flush=True,
+        )
+        save(record.finish(**results))
+    save(record.finish(**results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""benchmarks/llm.py's pure parts: the option scorer, the GSM8K scorer, the schedule, resumability, the table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+import llm  # noqa: E402  (benchmarks/ is not a package: its folder is on the path)
+import update_readme  # noqa: E402
+from osora.app.provenance import RECORD_KEYS  # noqa: E402
+
+ARC = {
+    "instruction": "Please choose the correct answer to the question: Which is a metal?\n\n"
+    "Answer1: wood Answer2: iron Answer3: glass\n\nAnswer format: answer1/answer2/answer3",
+    "input": "",
+    "output": "the correct answer is answer2",
+    "answer": "answer2",
+}
+BOOLQ = {
+    "instruction": "Please answer the following question with true or false, question: is iron a metal?\n\n"
+    "Answer format: true/false",
+    "input": "",
+    "output": "the correct answer is true",
+    "answer": "true",
+}
+
+
+def test_answer_options_and_responses():
+    assert llm.answer_options(ARC) == ["answer1", "answer2", "answer3"]
+    assert llm.answer_options(BOOLQ) == ["true", "false"]
+    assert llm.option_response(BOOLQ, "false") == "the correct answer is false"
+    with pytest.raises(ValueError, match="Answer format"):
+        llm.answer_options({**ARC, "instruction": "no format line"})
+
+
+def test_choice_request_one_pass_only_when_options_differ_in_their_last_token():
+    fast = llm.choice_request([1, 2], [[5, 6, 7], [5, 6, 8], [5, 6, 9]])
+    assert fast.context == [1, 2, 5, 6] and fast.tokens == [7, 8, 9] and not fast.sequences
+    slow = llm.choice_request([1, 2], [[5, 6, 7], [5, 8]])  # different lengths: one pass per option
+    assert not slow.tokens and slow.sequences == [([1, 2], [5, 6, 7]), ([1, 2], [5, 8])]
+    same_last = llm.choice_request([1], [[5, 7], [6, 7]])  # differ before the last token
+    assert not same_last.tokens and len(same_last.sequences) == 2
+
+
+def test_pick_option_first_of_equals():
+    assert llm.pick_option([-3.0, -1.0, -1.0]) == 1
+    assert llm.pick_option([-0.5]) == 0
+
+
+def _tiny_lm_and_tokenizer():
+    from osora.app.data import word_level_tokenizer
+
+    from conftest import tiny_model
+
+    texts = [ARC["instruction"], ARC["output"], BOOLQ["instruction"], BOOLQ["output"], "user assistant"]
+    tokenizer = word_level_tokenizer(texts + [o for o in ("answer1", "answer3", "false")])
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
+    )
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    return model.eval(), tokenizer
+
+
+def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
+    model, tokenizer = _tiny_lm_and_tokenizer()
+    records = [ARC, BOOLQ, {**ARC, "answer": "answer3", "output": "the correct answer is answer3"}]
+    brute = []
+    for record in records:
+        prompt = llm.prompt_ids(tokenizer, record, "commonsense")
+        options = llm.answer_options(record)
+        pairs = [
+            (prompt, tokenizer(llm.option_response(record, o), add_special_tokens=False)["input_ids"])
+            for o in options
+        ]
+        scores = [s for s, _ in llm.response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=1)]
+        brute.append(llm.pick_option(scores) == options.index(record["answer"]))
+    assert llm.choice_accuracy(model, tokenizer, records, batch_size=2) == pytest.approx(sum(brute) / 3)
+
+
+def test_response_logprobs_batched_equals_one_by_one():
+    model, _ = _tiny_lm_and_tokenizer()
+    pairs = [([2, 5, 6], [7, 8]), ([2, 9], [10, 11, 12])]
+    batched = llm.response_logprobs(model, pairs, pad=0, batch_size=2)
+    single = [llm.response_logprobs(model, [p], pad=0, batch_size=1)[0] for p in pairs]
+    for (a, n), (b, m) in zip(batched, single):
+        assert n == m and a == pytest.approx(b, abs=1e-4)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([[2, 5, 6, 7, 8]])).logits, -1)[0]  # (t, vocab)
+    assert batched[0][0] == pytest.approx(float(logp[2, 7] + logp[3, 8]), abs=1e-4)
+
+
+def test_gsm8k_exact_match_uses_the_last_number():
+    record = {"question": "q", "answer": "so 3 + 4 = 7\n#### 1,007"}
+    assert llm.gsm8k_exact_match("We get 3 apples, so the answer is 1007.", record)
+    assert not llm.gsm8k_exact_match("1007 or maybe 8", record)
+
+
+SCALE = llm.Scale(8, 1, 2, 64, 2, 2, seeds=(0, 1), grid_points=3)
+
+
+def _row(method: str, lr: float, seed: int, select: float) -> dict:
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "select_acc": select,
+        "test_acc": {**{s: 0.5 for s in llm.COMMONSENSE_SETS}, "average": 0.5 + seed / 100},
+        "trainable_params": 100 if method != "base" else 0,
+        "adapter_bytes": 400,
+        "train_seconds": 1.0,
+        "peak_memory_bytes": 2**20,
+    }
+
+
+def test_schedule_runs_centres_first_then_grids_then_seeds_at_the_pick():
+    methods = ["base", "osora-r32", "lora-r8"]
+    grid = llm.grids(methods, SCALE)
+    todo = llm.schedule("commonsense", [], methods, SCALE)
+    assert todo[:3] == [
+        ("base", 0.0, 0),
+        ("osora-r32", grid["osora-r32"][1], 0),
+        ("lora-r8", grid["lora-r8"][1], 0),
+    ]
+    assert len(todo) == 1 + 3 + 3  # no extra seeds before a grid is complete
+    runs = [_row("osora-r32", lr, 0, s) for lr, s in zip(grid["osora-r32"], (0.7, 0.9, 0.9))]
+    todo = llm.schedule("commonsense", runs, methods, SCALE)
+    assert ("osora-r32", grid["osora-r32"][1], 1) in todo  # the tie went to the lower rate
+    assert not any(m == "osora-r32" and seed == 0 for m, _, seed in todo)
+
+
+def test_summary_and_table():
+    runs = [_row("base", 0.0, 0, 0.3)]
+    grid = llm.grids(["osora-r32"], SCALE)["osora-r32"]
+    runs += [_row("osora-r32", lr, 0, s) for lr, s in zip(grid, (0.4, 0.8, 0.6))]
+    runs += [_row("osora-r32", grid[1], 1, 0.0)]
+    summary = llm.summarise("commonsense", runs, ["base", "osora-r32"], SCALE)
+    osora_row = summary[1]
+    assert osora_row["best_lr"] == grid[1] and osora_row["seeds"] == [0, 1] and osora_row["grid_complete"]
+    assert osora_row["test"]["average"] == pytest.approx((50.5, 0.7071), abs=1e-3)
+    report = {
+        "task": "commonsense",
+        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
+        "summary": summary,
+        "runs": runs,
+        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
+        "command": "python benchmarks/llm.py --task commonsense",
+        "output_json": "x.json",
+    }
+    table = llm.markdown(report)
+    assert "| osora-r32 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.5 ± 0.7 | 100 |" in table
+    assert "| base |" in table and "5 runs so far" in table
+
+
+def _commonsense_dir(tmp_path: Path) -> Path:
+    for name in llm.COMMONSENSE_SETS:
+        folder = tmp_path / name
+        folder.mkdir(parents=True)
+        record = BOOLQ if name == "boolq" else ARC
+        for split, n in (("train", 6), ("test", 3)):
+            (folder / f"{split}.json").write_text(json.dumps([record] * n))
+    return tmp_path
+
+
+def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
+    data_dir = _commonsense_dir(tmp_path / "data")
+    calls: list[tuple[str, float, int]] = []
+
+    def fake_run(task, key, lr, seed, args, scale, data):
+        calls.append((key, lr, seed))
+        assert len(data["train"]) == 4 and len(data["test"]["arc_e"]) == 2
+        return _row(key, lr, seed, select=0.5 + lr)
+
+    monkeypatch.setattr(llm, "run_one", fake_run)
+    argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]
+    argv += ["--readme-dir", str(tmp_path), "--methods", "base", "osora-r32", "--seeds", "0", "1"]
+    argv += ["--train-size", "4", "--select-size", "1", "--test-size", "2", "--steps", "1"]
+    assert llm.main([*argv, "--max-runs", "2"]) == 0
+    result = tmp_path / "out" / "llm_commonsense_cpu.json"
+    assert [r["method"] for r in json.loads(result.read_text())["runs"]] == ["base", "osora-r32"]
+    assert llm.main(argv) == 0  # the rest, without repeating the first two
+    assert len(calls) == len(set(calls)) == 1 + 3 + 1
+    report = json.loads(result.read_text())
+    assert report["config"]["setup"]["train_size"] == 4 and report["provenance"]["git"]["commit"]
+    assert list(report)[:6] == list(RECORD_KEYS)
+    assert (tmp_path / "README_llm_commonsense_cpu.md").read_text() == llm.render(result)
+    assert result.with_suffix(".png").is_file()
+    assert llm.main([*argv, "--seeds", "0", "1", "2"]) == 0  # another seed: the same setup, one more run
+    assert calls[-1][2] == 2 and len(calls) == 6
+    report = json.loads(result.read_text())
+    assert llm.main([*argv[:-2], "--steps", "2"]) == 2  # another setup: refused, nothing overwritten
+    assert json.loads(result.read_text())["runs"] == report["runs"]
+
+
+def test_update_readme_check_regenerates_llm_tables_from_their_json(tmp_path, monkeypatch):
+    update = update_readme
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    monkeypatch.setattr(update, "BENCHMARKS", bench)
+    monkeypatch.setitem(update.RENDERERS, "llm_", lambda name: f"table of {name}\n")
+    (bench / "README_llm_gsm8k_cpu.md").write_text("table of llm_gsm8k_cpu\n")
+    (bench / "README_other.md").write_text("other\n")
+    tables = update.generated_tables()
+    assert list(tables.values()) == ["table of llm_gsm8k_cpu\n"]
+    readme = "a\n<!-- bench:llm_gsm8k_cpu -->\nold\n<!-- /bench:llm_gsm8k_cpu -->\n"
+    assert "table of llm_gsm8k_cpu" in update.render(readme, tables)
+
+
+def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch):
+    data_dir = _commonsense_dir(tmp_path / "data")
+    argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path), "--methods", "base"]
+    argv += ["--readme-dir", str(tmp_path), "--train-size", "4", "--select-size", "1", "--test-size", "2"]
+    args = llm.parse_args(argv)
+    scale = llm.replace(llm.SCALES[("commonsense", "cpu")], train_size=4, select_size=1, test_size=2)
+    old = {  # the layout before the runner used BenchmarkRecord
+        "benchmark": "llm",
+        "task": "commonsense",
+        "command": "python benchmarks/llm.py --task commonsense",
+        "config": {"scale": "cpu", "model": args.model, "methods": ["base"], "data_seed": 0},
+        "setup": llm.setup_of(args, scale),
+        "scale": llm.asdict(scale),
+        "methods": {"base": llm.asdict(llm.ROWS["base"])},
+        "lr_grids": {"base": [0.0]},
+        "protocol": "p",
+        "output_json": "x.json",
+        "runs": [{**_row("base", 0.0, 0, 0.25), "finished_at": "2026-12-01T21:21:53Z", "eval_seconds": 2.0}],
+        "git": {"commit": "abcdef12", "dirty": False},
+        "environment": {"hardware": {"cpu": "old cpu"}, "python": "3.11"},
+    }
+    path = tmp_path / "llm_commonsense_cpu.json"
+    path.write_text(json.dumps(old))
+    assert llm.main([*argv, "--render"]) == 0
+    new = json.loads(path.read_text())
+    assert new["provenance"]["git"]["commit"] == "abcdef12" and new["runs"][0]["git"]["commit"] == "abcdef12"
+    assert new["config"]["setup"] == old["setup"] and new["summary"][0]["method"] == "base"
+    assert new["provenance"]["date_utc"] == "2026-12-01T21:21:53Z" and new["wall_s"] == 3.0
+    table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
+    assert "Git abcdef12, " in table and "| base | 50.0 ± 0.0 |" in table
+
+
+@pytest.mark.parametrize(
+    ("task", "key"), [("commonsense", "osora-r32"), ("gsm8k", "lora-r8"), ("commonsense", "base")]
+)
+def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
+    from osora.app.data import word_level_tokenizer
+
+    model, _ = _tiny_lm_and_tokenizer()
+    gsm = {"question": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7\n#### 7"}
+    tokenizer = word_level_tokenizer(
+        [ARC["instruction"], ARC["output"], BOOLQ["instruction"], gsm["question"]]
+    )
+    tokenizer.add_tokens(
+        ["####", "user", "assistant", "answer1", "answer3", "false", "plus", "is", "7", "3", "4"]
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
+    )
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    args = llm.parse_args(
+        ["--task", task, "--model", str(tmp_path / "model"), "--work-dir", str(tmp_path / "w")]
+    )
+    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2)
+    if task == "commonsense":
+        data = {"train": [ARC, BOOLQ] * 2, "select": [ARC], "test": {"arc_e": [ARC, ARC], "boolq": [BOOLQ]}}
+    else:
+        data = {"train": [gsm] * 4, "select": [gsm], "test": {"gsm8k": [gsm, gsm]}}
+    row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
+    assert row["steps"] == (0 if key == "base" else 2)
+    assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
+    assert 0.0 <= row["test_acc"][next(iter(data["test"]))] <= 1.0
+    if task == "gsm8k":
+        assert row["test_nll"] > 0 and len(row["completion_samples"]) == 2
+    else:
+        assert set(row["test_acc"]) == {"arc_e", "boolq", "average"}

@@ -21,6 +21,7 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    TrainerCallback,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,3 +92,15 @@ ARCHS = ["llama", "qwen2", "gpt2", "bert"]
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+class StopAfterCheckpoint(TrainerCallback):
+    """Simulates an interruption of ``osora train``: training stops right after the checkpoint of ``step`` is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control

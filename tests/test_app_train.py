@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from osora.app.config import RunConfig, load_config
 from osora.app.evaluate import evaluate
 from osora.app.train import run
+
+from conftest import StopAfterCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
@@ -67,18 +68,6 @@ def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> N
     assert (out / "eval-gsm8k.json").is_file()
 
 
-class _StopAt(TrainerCallback):
-    """Simulates an interruption: stop right after the checkpoint of ``step`` is written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 @pytest.mark.parametrize("method", ["osora", "lora"])
 def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, method: str) -> None:
     overrides = [
@@ -90,7 +79,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, 
     run(tiny_config(tmp_path / "straight", *overrides))
 
     interrupted = tmp_path / "resumed"
-    run(tiny_config(interrupted, *overrides), callbacks=[_StopAt(2)])
+    run(tiny_config(interrupted, *overrides), callbacks=[StopAfterCheckpoint(2)])
     assert not (interrupted / "adapter_model.safetensors").exists()
     assert (interrupted / "checkpoint-2").is_dir()
     trainer = run(tiny_config(interrupted, *overrides, "training.resume_from_checkpoint=true"))

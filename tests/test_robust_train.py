@@ -18,6 +18,8 @@ from osora.app.checkpoints import OutputDirError, newest_complete_checkpoint
 from osora.app.config import RunConfig, load_config
 from osora.app.train import run
 
+from conftest import StopAfterCheckpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
@@ -48,24 +50,12 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class _StopAt(TrainerCallback):
-    """An interruption right after the checkpoint of ``step`` is written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def test_resume_inside_a_later_epoch_equals_the_uninterrupted_run(tmp_path: Path, straight: Path) -> None:
     # transformers' length-grouped sampler drew each epoch's order from the global RNG, so an epoch started after
     # a resume was shuffled differently (max |Δ| 0.049 over S, O in the issue's run); it is seeded per epoch now
     cfg = tiny_config(tmp_path, *SCHEDULE)
     assert cfg.training.train_sampling_strategy == "group_by_length"  # the default is what is tested
-    run(cfg, callbacks=[_StopAt(4)])
+    run(cfg, callbacks=[StopAfterCheckpoint(4)])
     assert not (tmp_path / "adapter_model.safetensors").exists()
     trainer = run(tiny_config(tmp_path, *SCHEDULE, "training.resume_from_checkpoint=true"))
     assert trainer.state.global_step == 5

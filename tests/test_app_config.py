@@ -195,3 +195,30 @@ def test_the_training_section_is_training_arguments() -> None:
         load_config(None, ["--training.warmup_ratio=0.1"])  # a transformers 4 name says the new one
     with pytest.raises(ConfigError, match="training settings"):
         training_arguments(load_config(TINY_CONFIG, ["--training.fp16=true", "--training.bf16=true"]))
+
+
+def test_the_earlier_form_goes_through_the_same_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from osora.app.config import config_from_argv
+
+    cfg = config_from_argv(
+        "eval", [str(TINY_CONFIG), "eval.model=smollm2-135m-instruct", "--eval.max_samples", "3"]
+    )
+    assert not isinstance(cfg, int)
+    assert (cfg.eval.model, cfg.eval.max_samples, cfg.training.learning_rate) == (
+        "smollm2-135m-instruct",
+        3,
+        0.01,
+    )
+    assert "write --config CONFIG.yaml and --section.key=value" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"config key 'eval\.max_samples'"):
+        config_from_argv("eval", [str(TINY_CONFIG), "eval.max_samples=many"])
+
+
+def test_print_config_shows_the_merged_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from osora.app.cli import main
+
+    assert main(["train", "--config", str(TINY_CONFIG), "--method.r", "4", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["r"] == 4 and printed["training"]["learning_rate"] == 0.01

@@ -34,9 +34,8 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     h = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
     data = weight.detach().contiguous().cpu()
     if data.numel():
-        h.update(
-            data.view(torch.uint8).flatten().numpy()
-        )  # the buffer itself, no copy; hashlib releases the GIL
+        # the buffer itself, no copy; hashlib releases the GIL while it hashes
+        h.update(memoryview(data.view(torch.uint8).flatten().numpy()))
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
 
 

@@ -35,7 +35,7 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     data = weight.detach().contiguous().cpu()
     if data.numel():
         # the buffer itself, no copy; hashlib releases the GIL while it hashes
-        h.update(memoryview(data.view(torch.uint8).flatten().numpy()))
+        h.update(data.view(torch.uint8).flatten().numpy().data)
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
 
 

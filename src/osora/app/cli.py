@@ -107,6 +107,10 @@ def _message(error: BaseException) -> str:
 def _usage() -> str:
     lines = ["usage: osora <command> [args]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [
+        "",
+        "every command: osora COMMAND --help lists its arguments; --key VALUE options, --config FILE.yaml",
+    ]
     return "\n".join(lines)
 
 

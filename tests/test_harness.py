@@ -62,14 +62,14 @@ def tiny():
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-def _harness(model, tokenizer, data_dir: Path, tmp_path: Path, tasks: str = "boolq") -> dict:
+def _harness(model, tokenizer, data_dir: Path, tmp_path: Path, tasks: str = "boolq", prompt="paper") -> dict:
     return evaluate_harness(
         "tiny",
         tasks,
         model=model,
         tokenizer=tokenizer,
         data_dir=str(data_dir),
-        prompt="paper",
+        prompt=prompt,
         limit=4,
         batch_size=4,
         max_gen_toks=6,
@@ -83,13 +83,13 @@ def _logliks(report: dict, task: str = "osora_boolq") -> list[float]:
 
 
 @torch.no_grad()
-def _reference_logliks(model, tokenizer, record: dict) -> list[float]:
-    """log p(response | paper prompt) of each option, summed over the response's tokens (explicit log-softmax)."""
-    prompt = make_prompt(record, "commonsense", "paper")
+def _reference_logliks(model, tokenizer, record: dict, style: str = "paper") -> list[float]:
+    """log p(response | osora's prompt) of each option, summed over the response's tokens (explicit log-softmax)."""
+    prompt = make_prompt(record, "commonsense", style, tokenizer)  # type: ignore[arg-type]
     context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     scores = []
     for option in commonsense_options(record):
-        response = " " + option_response(record, option)
+        response = (" " if style == "paper" else "") + option_response(record, option)
         whole = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
         logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)  # (seq, vocab)
         scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
@@ -112,6 +112,19 @@ def test_harness_scores_the_base_model_like_a_dense_reference(tiny, data_dir, tm
     assert report["results"]["osora_gsm8k"]["exact_match,none"] == 0.0
     written = json.loads((tmp_path / "harness.json").read_text())
     assert written["results"]["osora_boolq"]["acc,none"] == report["results"]["osora_boolq"]["acc,none"]
+
+
+def test_chat_prompt_is_osoras_chat_template_prompt(tiny, data_dir, tmp_path):
+    model, tokenizer = tiny
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    report = _harness(model, chat, data_dir, tmp_path, prompt="auto")  # auto: the tokenizer has a template
+    assert report["prompt"] == "chat"
+    reference = [x for r in BOOLQ[:4] for x in _reference_logliks(model, chat, r, "chat")]
+    assert _logliks(report) == pytest.approx(reference, abs=1e-4)
 
 
 def test_adapter_equals_base_at_init_and_differs_after_training_its_s(tiny, data_dir, tmp_path):

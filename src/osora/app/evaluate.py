@@ -261,10 +261,6 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if any(a == "--harness" or a.startswith("--harness=") for a in argv):  # lm-evaluation-harness
-        from .harness import main as harness_main
-
-        return harness_main(argv)
     cfg = config_from_argv("eval", "[CONFIG.yaml] [section.key=value ...]", argv)
     if isinstance(cfg, int):
         return cfg

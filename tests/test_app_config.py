@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from osora.app.config import ConfigError, RunConfig, help_text, load_config
+from osora.app.config import ConfigError, RunConfig, load_config, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -32,15 +32,15 @@ def test_overrides_fill_the_schema_with_types() -> None:
     cfg = load_config(
         None,
         [
-            "method.name=vera",
-            "method.r=256",
-            "training.learning_rate=4e-3",
-            "method.target_modules=[q_proj, v_proj]",
-            "training.resume_from_checkpoint=true",
-            "model.from_config={model_type: llama, hidden_size: 8}",
+            "--method.name=vera",
+            "--method.r=128",
+            "--training.learning_rate=4e-3",
+            "--method.target_modules=[q_proj, v_proj]",
+            "--training.resume_from_checkpoint=true",
+            "--model.from_config={model_type: llama, hidden_size: 8}",
         ],
     )
-    assert cfg.method.name == "vera" and cfg.method.fields["r"] == 256
+    assert cfg.method.name == "vera" and cfg.method.fields["r"] == 128
     assert cfg.training.learning_rate == pytest.approx(4e-3)
     assert cfg.method.fields["target_modules"] == ["q_proj", "v_proj"]
     assert cfg.training.resume_from_checkpoint is True
@@ -50,11 +50,11 @@ def test_overrides_fill_the_schema_with_types() -> None:
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("training.lr=1", "training.lr"),
+        ("--training.lr=1", "training.lr"),
         ("trainer.max_steps=1", "trainer"),
-        ("method.name=qlora", "method.name"),
-        ("method.r=eight", "method.r"),
-        ("data.prompt=fancy", "data.prompt"),
+        ("--method.name=qlora", "method.name"),
+        ("--method.r=eight", "method.r"),
+        ("--data.prompt=fancy", "data.prompt"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str, named: str) -> None:
@@ -70,17 +70,31 @@ def test_unknown_key_in_yaml(tmp_path: Path) -> None:
 
 
 def test_help_lists_every_field_with_its_help() -> None:
-    text = help_text()
-    assert "method.svd_seed (int, default 0)" in text and "method.save_factors (bool, default True)" in text
-    assert "training.resume_from_checkpoint" in text and "train_sampling_strategy='group_by_length'" in text
-    assert "data.max_length (int, default 512)" in text
+    text = " ".join(parser("train").format_help().split())  # the default method's: OSoRAConfig's fields
+    assert "--method.svd_seed SVD_SEED" in text and "(type: int, default: 0)" in text
+    assert "--method.save_factors {true,false}" in text and "--training.resume_from_checkpoint" in text
+    assert "--training.train_sampling_strategy" in text and "default: group_by_length" in text
+    assert "--data.max_length MAX_LENGTH Records whose prompt + response exceed this many tokens" in text
+    lora = " ".join(parser("train", "lora").format_help().split())
+    assert "--method.lora_alpha LORA_ALPHA" in lora and "--method.dropout" in lora
+
+
+def test_every_key_is_in_the_help_of_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from osora.app.cli import main
+
+    assert main(["train", "--method.name", "vera", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--method.d_initial" in out and "--method.svd_seed" not in out  # the chosen method's fields
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_cli_reports_a_bad_key_without_a_traceback(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     from osora.app.cli import main
 
-    assert main([command, str(ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"), "training.lr=1"]) == 2
+    assert (
+        main([command, "--config", str(ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"), "--training.lr=1"])
+        == 2
+    )
     assert "unknown config key 'training.lr'" in capsys.readouterr().err
 
 
@@ -139,11 +153,11 @@ def test_every_osora_config_field_is_settable_from_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method.svd_power_iters=-1", "svd_power_iters"),  # OSoRAConfig's own check, named by it
-        ("method.svd_max_power_iters=1", "svd_max_power_iters"),
-        ("method.init_method=fancy", "method.init_method"),  # its annotation
-        ("method.rank=4", "unknown config key 'method.rank': OSoRAConfig"),
-        ("method.name=osora_s", "now spelled 'osora-S'"),
+        ("--method.svd_power_iters=-1", "svd_power_iters"),  # OSoRAConfig's own check, named by it
+        ("--method.svd_max_power_iters=1", "svd_max_power_iters"),
+        ("--method.init_method=fancy", "method.init_method"),  # its annotation
+        ("--method.rank=4", "unknown config key 'method.rank': OSoRAConfig"),
+        ("--method.name=osora_s", "now spelled 'osora-S'"),
     ],
 )
 def test_method_fields_are_validated_by_the_method_config_class(override: str, message: str) -> None:
@@ -153,15 +167,15 @@ def test_method_fields_are_validated_by_the_method_config_class(override: str, m
 
 def test_peft_baselines_take_their_own_fields() -> None:
     lora = load_config(
-        None, ["method.name=lora", "method.r=16", "method.lora_alpha=32", "method.dropout=0.1"]
+        None, ["--method.name=lora", "--method.r=16", "--method.lora_alpha=32", "--method.dropout=0.1"]
     )
     config = lora.method.peft_config()
     assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.1)
-    assert load_config(None, ["method.name=dora"]).method.peft_config().use_dora is True
-    vera = load_config(None, ["method.name=vera", "method.d_initial=0.2"]).method.peft_config()
+    assert load_config(None, ["--method.name=dora"]).method.peft_config().use_dora is True
+    vera = load_config(None, ["--method.name=vera", "--method.d_initial=0.2"]).method.peft_config()
     assert vera.d_initial == 0.2
     with pytest.raises(ConfigError, match="'method.lora_alpha': VeraConfig"):
-        load_config(None, ["method.name=vera", "method.lora_alpha=2"])
+        load_config(None, ["--method.name=vera", "--method.lora_alpha=2"])
 
 
 def test_the_training_section_is_training_arguments() -> None:
@@ -169,7 +183,7 @@ def test_the_training_section_is_training_arguments() -> None:
 
     cfg = load_config(
         TINY_CONFIG,
-        ["training.adam_beta2=0.95", "training.label_smoothing_factor=0.1", "training.optim=adafactor"],
+        ["--training.adam_beta2=0.95", "--training.label_smoothing_factor=0.1", "--training.optim=adafactor"],
     )
     args = training_arguments(cfg)
     assert (args.adam_beta2, args.label_smoothing_factor, args.optim) == (0.95, 0.1, "adafactor")
@@ -178,6 +192,33 @@ def test_the_training_section_is_training_arguments() -> None:
     )  # YAML over osora's default
     assert load_config(None).training.learning_rate == 1e-4  # osora's default over transformers'
     with pytest.raises(ConfigError, match=r"training\.warmup_steps"):
-        load_config(None, ["training.warmup_ratio=0.1"])  # a transformers 4 name says the new one
+        load_config(None, ["--training.warmup_ratio=0.1"])  # a transformers 4 name says the new one
     with pytest.raises(ConfigError, match="training settings"):
-        training_arguments(load_config(TINY_CONFIG, ["training.fp16=true", "training.bf16=true"]))
+        training_arguments(load_config(TINY_CONFIG, ["--training.fp16=true", "--training.bf16=true"]))
+
+
+def test_the_earlier_form_goes_through_the_same_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    from osora.app.config import config_from_argv
+
+    cfg = config_from_argv(
+        "eval", [str(TINY_CONFIG), "eval.model=smollm2-135m-instruct", "--eval.max_samples", "3"]
+    )
+    assert not isinstance(cfg, int)
+    assert (cfg.eval.model, cfg.eval.max_samples, cfg.training.learning_rate) == (
+        "smollm2-135m-instruct",
+        3,
+        0.01,
+    )
+    assert "write --config CONFIG.yaml and --section.key=value" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"config key 'eval\.max_samples'"):
+        config_from_argv("eval", [str(TINY_CONFIG), "eval.max_samples=many"])
+
+
+def test_print_config_shows_the_merged_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from osora.app.cli import main
+
+    assert main(["train", "--config", str(TINY_CONFIG), "--method.r", "4", "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["r"] == 4 and printed["training"]["learning_rate"] == 0.01

@@ -52,8 +52,8 @@ def test_two_process_gloo_run_has_identical_adapters(tmp_path: Path) -> None:
         str(script),
         str(tmp_path),
         str(CONFIG),
-        f"training.output_dir={tmp_path / 'run'}",
-        f"data.path={FIXTURE}",
+        f"--training.output_dir={tmp_path / 'run'}",
+        f"--data.path={FIXTURE}",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "terminate called without an active exception" in result.stderr:

@@ -27,10 +27,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         load_config(
             TINY,
             [
-                f"training.output_dir={out}",
-                f"data.path={FIXTURE}",
-                "training.max_steps=4",
-                "training.learning_rate=0.2",
+                f"--training.output_dir={out}",
+                f"--data.path={FIXTURE}",
+                "--training.max_steps=4",
+                "--training.learning_rate=0.2",
             ],
         )
     )
@@ -95,11 +95,11 @@ def test_eval_scores_a_merged_model(trained: Path, tmp_path: Path) -> None:
     cfg = load_config(
         TINY,
         [
-            f"eval.model={tmp_path / 'merged'}",
-            f"eval.path={FIXTURE}",
-            "eval.max_samples=2",
-            "eval.max_new_tokens=3",
-            "eval.k_shot=1",
+            f"--eval.model={tmp_path / 'merged'}",
+            f"--eval.path={FIXTURE}",
+            "--eval.max_samples=2",
+            "--eval.max_new_tokens=3",
+            "--eval.k_shot=1",
         ],
     )
     report = evaluate(cfg)

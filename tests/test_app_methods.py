@@ -35,9 +35,9 @@ def test_old_spelling_names_the_new_one(old: str, new: str) -> None:
     with pytest.raises(ValueError, match=f"now spelled '{new}'"):
         get_method(old)
     with pytest.raises(ConfigError, match=f"method.name: method '{old}' is now spelled '{new}'"):
-        load_config(None, [f"method.name={old}"])
+        load_config(None, [f"--method.name={old}"])
 
 
 def test_unknown_method_lists_the_choices() -> None:
     with pytest.raises(ConfigError, match="unknown method 'loraa'; choose from osora, osora-S"):
-        load_config(None, ["method.name=loraa"])
+        load_config(None, ["--method.name=loraa"])

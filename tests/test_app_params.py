@@ -129,7 +129,7 @@ def test_gpt2_counts_conv1d_layers() -> None:
 @pytest.mark.integration
 def test_params_cli_writes_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png, table = tmp_path / "fig1.png", tmp_path / "fig1.json"
-    assert params.main([str(QWEN2_7B), "--ranks", "4", "32", "--png", str(png), "--json", str(table)]) == 0
+    assert params.main([str(QWEN2_7B), "--ranks", "[4, 32]", "--png", str(png), "--json", str(table)]) == 0
     assert png.stat().st_size > 1000
     rows = json.loads(table.read_text())["rows"]
     assert [row["r"] for row in rows] == [4, 32]

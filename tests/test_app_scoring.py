@@ -209,13 +209,13 @@ def test_eval_reports_both_math_comparisons(
     monkeypatch.setattr(
         E, "generate", lambda model, tokenizer, prompts, *args, **kw: completions[: len(prompts)]
     )
-    overrides = [f"eval.path={data}", "eval.task=math", f"eval.output={tmp_path / 'report.json'}"]
+    overrides = [f"--eval.path={data}", "--eval.task=math", f"--eval.output={tmp_path / 'report.json'}"]
     report = E.evaluate(load_config(None, overrides))
     assert report["comparison"] == "math-verify" and report["correct"] == 2
     assert report["accuracy_by"] == {"math-verify": 2 / 3, "string": 0.0}
     assert [x["correct_by"] for x in report["examples"]][0] == {"math-verify": True, "string": False}
     assert "accuracy 0.6667 (2/3, by math-verify); by string: 0.0000 (0/3)" in capsys.readouterr().out
-    paper = E.evaluate(load_config(None, [*overrides, "eval.comparison=string"]))
+    paper = E.evaluate(load_config(None, [*overrides, "--eval.comparison=string"]))
     assert paper["accuracy"] == 0.0 and paper["accuracy_by"] == report["accuracy_by"]
     with pytest.raises(ConfigError, match="choose from math-verify, string"):
-        E.evaluate(load_config(None, [*overrides, "eval.comparison=exact"]))
+        E.evaluate(load_config(None, [*overrides, "--eval.comparison=exact"]))

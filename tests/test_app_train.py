@@ -25,11 +25,11 @@ def tiny_config(out: Path, *overrides: str) -> RunConfig:
     return load_config(
         TINY,
         [
-            f"training.output_dir={out}",
-            f"data.path={FIXTURE}",
-            f"eval.path={FIXTURE}",
-            "eval.max_samples=2",
-            "eval.max_new_tokens=4",
+            f"--training.output_dir={out}",
+            f"--data.path={FIXTURE}",
+            f"--eval.path={FIXTURE}",
+            "--eval.max_samples=2",
+            "--eval.max_new_tokens=4",
             *overrides,
         ],
     )
@@ -42,7 +42,7 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> None:
     out = tmp_path / method
-    trainer = run(tiny_config(out, f"method.name={method}"))
+    trainer = run(tiny_config(out, f"--method.name={method}"))
     assert trainer.state.global_step == 2
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -60,7 +60,7 @@ def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> N
     if method == "osora-S":  # S only: r per adapted matrix (2 blocks x 7 linears, r=4)
         assert run_info["trainable_params"] == 2 * 7 * 4
 
-    report = evaluate(tiny_config(out, f"method.name={method}"))
+    report = evaluate(tiny_config(out, f"--method.name={method}"))
     assert report["total"] == 2 and 0.0 <= report["accuracy"] <= 1.0
     example = report["examples"][0]
     assert example["prompt"].startswith("Question: ") and example["reference"] == "7"
@@ -71,10 +71,10 @@ def test_method_trains_two_steps_and_evaluates(tmp_path: Path, method: str) -> N
 @pytest.mark.parametrize("method", ["osora", "lora"])
 def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, method: str) -> None:
     overrides = [
-        f"method.name={method}",
-        "training.max_steps=4",
-        "training.save_steps=2",
-        "training.lr_scheduler_type=linear",
+        f"--method.name={method}",
+        "--training.max_steps=4",
+        "--training.save_steps=2",
+        "--training.lr_scheduler_type=linear",
     ]
     run(tiny_config(tmp_path / "straight", *overrides))
 
@@ -82,7 +82,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, 
     run(tiny_config(interrupted, *overrides), callbacks=[StopAfterCheckpoint(2)])
     assert not (interrupted / "adapter_model.safetensors").exists()
     assert (interrupted / "checkpoint-2").is_dir()
-    trainer = run(tiny_config(interrupted, *overrides, "training.resume_from_checkpoint=true"))
+    trainer = run(tiny_config(interrupted, *overrides, "--training.resume_from_checkpoint=true"))
     assert trainer.state.global_step == 4
 
     expected, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(interrupted)
@@ -101,14 +101,14 @@ def test_cli_trains_and_evaluates_the_commonsense_tiny_config(
     config = ROOT / "configs" / "tiny" / "commonsense-osora.yaml"
     fixture = ROOT / "tests" / "fixtures" / "commonsense_tiny.jsonl"
     common = [
-        f"training.output_dir={tmp_path}",
-        f"data.path={fixture}",
-        f"eval.path={fixture}",
-        "eval.max_samples=2",
+        f"--training.output_dir={tmp_path}",
+        f"--data.path={fixture}",
+        f"--eval.path={fixture}",
+        "--eval.max_samples=2",
     ]
-    assert main(["train", str(config), *common]) == 0
+    assert main(["train", "--config", str(config), *common]) == 0
     assert "trainable params" in capsys.readouterr().out
-    assert main(["eval", str(config), *common, "eval.max_new_tokens=3"]) == 0
+    assert main(["eval", "--config", str(config), *common, "--eval.max_new_tokens=3"]) == 0
     report = json.loads((tmp_path / "eval-boolq.json").read_text())
     assert report["task"] == "boolq" and report["total"] == 2
     assert report["examples"][0]["prompt"].endswith("### Response:\n")

@@ -221,9 +221,9 @@ def test_demo_runs_end_to_end(tiny_bert: str, tmp_path: Path, capsys: pytest.Cap
         tiny_bert,
         "--out",
         str(out),
-        "--train-size",
+        "--train_size",
         "48",
-        "--test-size",
+        "--test_size",
         "24",
         "--epochs",
         "1",
@@ -254,7 +254,7 @@ def test_demo_on_a_labelled_file(tiny_bert: str, tmp_path: Path) -> None:
         "--out",
         str(out),
         "--methods",
-        "osora",
+        "[osora]",
     ]
     args += ["--rank", "8"]
     assert demo.main(args) == 0
@@ -271,13 +271,13 @@ def test_demo_fails_loudly_when_reload_differs(
         "--out",
         str(tmp_path),
         "--methods",
-        "osora",
-        "--train-size",
+        "[osora]",
+        "--train_size",
         "16",
         "--rank",
         "8",
     ]
-    assert demo.main(args + ["--test-size", "8", "--epochs", "1"]) == 1
+    assert demo.main(args + ["--test_size", "8", "--epochs", "1"]) == 1
 
 
 # -- the GLUE runner on a tiny TSV task -------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def test_demo_then_generate_end_to_end(
     tiny_chat_llama: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    args = ["demo", "--model", tiny_chat_llama, "--out", str(out), "--steps", "2", "--train-size", "32"]
-    assert osora([*args, "--test-size", "8", "--batch-size", "4"]) == 0
+    args = ["demo", "--model", tiny_chat_llama, "--out", str(out), "--steps", "2", "--train_size", "32"]
+    assert osora([*args, "--test_size", "8", "--batch_size", "4"]) == 0
     printed = capsys.readouterr().out
     for row in ("base", "osora r=32", "lora r=8"):
         assert f"\n{row} " in printed, printed
@@ -73,7 +73,7 @@ def test_demo_then_generate_end_to_end(
 
     for model in (str(out / "adapters" / "osora"), tiny_chat_llama):
         assert osora(["generate", model, "Write the date 3 May 1987 in the form YYYY-MM-DD.",
-                      "--max-new-tokens", "4"]) == 0  # fmt: skip
+                      "--max_new_tokens", "4"]) == 0  # fmt: skip
 
 
 def test_generate_names_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:

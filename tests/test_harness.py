@@ -151,7 +151,21 @@ def test_unknown_task_is_a_user_error(capsys):
 
 def test_missing_data_folder_names_the_path(tmp_path, capsys):
     missing = tmp_path / "no-data"
-    code = cli.main(["eval", "--harness", "arc_c", "no-such-model-is-loaded", "--data-dir", str(missing)])
+    code = cli.main(["eval", "--harness", "arc_c", "no-such-model-is-loaded", "--data_dir", str(missing)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert str(missing / "commonsense" / "arc_c" / "test.json") in err and "--data-dir" in err
+    assert str(missing / "commonsense" / "arc_c" / "test.json") in err and "--data_dir" in err
+
+
+def test_auto_prompt_is_the_runs_then_the_tokenizers(tiny, tmp_path):
+    from osora.app.checkpoints import RUN_FILE
+    from osora.app.harness import prompt_style
+
+    _, tokenizer = tiny
+    assert prompt_style(str(tmp_path), tokenizer, "auto") == "paper"  # no run file, no chat template
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert prompt_style(str(tmp_path), chat, "auto") == "chat"
+    (tmp_path / RUN_FILE).write_text(json.dumps({"config": {"data": {"prompt": "alpaca"}}}))
+    assert prompt_style(str(tmp_path), chat, "auto") == "alpaca"  # what the run trained with
+    assert prompt_style(str(tmp_path), chat, "paper") == "paper"

@@ -28,7 +28,14 @@ def fails_cleanly(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def train_args(tmp_path: Path, *overrides: str) -> list[str]:
-    return ["train", str(TINY), f"training.output_dir={tmp_path / 'out'}", f"data.path={FIXTURE}", *overrides]
+    return [
+        "train",
+        "--config",
+        str(TINY),
+        f"--training.output_dir={tmp_path / 'out'}",
+        f"--data.path={FIXTURE}",
+        *overrides,
+    ]
 
 
 def test_malformed_jsonl_line_names_the_file_and_line(
@@ -37,14 +44,14 @@ def test_malformed_jsonl_line_names_the_file_and_line(
     data = tmp_path / "bad.jsonl"
     lines = FIXTURE.read_text().splitlines()
     data.write_text("\n".join([lines[0], lines[1][:25], *lines[2:]]) + "\n")  # line 2 cut short
-    err = fails_cleanly(capsys, *train_args(tmp_path, f"data.path={data}"))
+    err = fails_cleanly(capsys, *train_args(tmp_path, f"--data.path={data}"))
     assert f"{data}:2: invalid JSON" in err and "fix or remove that line" in err
 
 
 def test_a_record_that_is_not_an_object_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text(FIXTURE.read_text().splitlines()[0] + "\n[1, 2]\n")
-    err = fails_cleanly(capsys, *train_args(tmp_path, f"data.path={data}"))
+    err = fails_cleanly(capsys, *train_args(tmp_path, f"--data.path={data}"))
     assert f"{data}:2: a record must be a JSON object" in err
 
 
@@ -54,7 +61,7 @@ def test_an_empty_data_file_is_named(
 ) -> None:
     data = tmp_path / "empty.jsonl"
     data.write_text(content)
-    err = fails_cleanly(capsys, *train_args(tmp_path, f"data.path={data}"))
+    err = fails_cleanly(capsys, *train_args(tmp_path, f"--data.path={data}"))
     assert str(data) in err and ("empty" in err or "no records" in err)
     assert not (tmp_path / "out").exists()
 
@@ -62,7 +69,7 @@ def test_an_empty_data_file_is_named(
 def test_a_missing_data_file_is_not_sent_to_the_hub(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    err = fails_cleanly(capsys, *train_args(tmp_path, "data.path=./no/such.jsonl"))
+    err = fails_cleanly(capsys, *train_args(tmp_path, "--data.path=./no/such.jsonl"))
     assert "./no/such.jsonl: no such file or directory" in err
 
 
@@ -71,25 +78,25 @@ def test_yaml_syntax_error_names_the_file_and_line(
 ) -> None:
     config = tmp_path / "broken.yaml"
     config.write_text("model:\n  dtype: float32\nmethod:\n  name: osora\n   r: 4\n")
-    err = fails_cleanly(capsys, "train", str(config))
+    err = fails_cleanly(capsys, "train", "--config", str(config))
     assert f"{config}:5:" in err and "invalid YAML" in err
 
 
 def test_a_missing_yaml_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    err = fails_cleanly(capsys, "train", str(tmp_path / "nope.yaml"))
+    err = fails_cleanly(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
     assert f"config file {tmp_path / 'nope.yaml'}: no such file" in err
 
 
 def test_a_bad_key_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "typo.yaml"
     config.write_text("method:\n  rank: 4\n")
-    err = fails_cleanly(capsys, "train", str(config))
+    err = fails_cleanly(capsys, "train", "--config", str(config))
     assert f"{config}: unknown config key 'method.rank'" in err
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("method.r=0", "r must be a positive integer"), ("method.dropout=1.5", "dropout must be in [0, 1)")],
+    [("--method.r=0", "r must be a positive integer"), ("--method.dropout=1.5", "dropout must be in [0, 1)")],
 )
 def test_invalid_method_settings_are_refused_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
@@ -142,7 +149,9 @@ def test_an_adapter_without_its_config_is_called_incomplete(
     (tmp_path / "run" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
     err = fails_cleanly(capsys, "merge", str(tmp_path / "run"), str(tmp_path / "out"))
     assert "no adapter_config.json: an incomplete adapter" in err
-    err = fails_cleanly(capsys, "eval", str(TINY), f"eval.model={tmp_path / 'run'}", f"eval.path={FIXTURE}")
+    err = fails_cleanly(
+        capsys, "eval", "--config", str(TINY), f"--eval.model={tmp_path / 'run'}", f"--eval.path={FIXTURE}"
+    )
     assert "incomplete adapter" in err
 
 
@@ -158,7 +167,9 @@ def test_a_mistyped_run_folder_is_no_such_directory(
 ) -> None:
     err = fails_cleanly(capsys, "merge", "runs/tiny-gsm8k-osra", "merged")
     assert "no such file or directory: runs/tiny-gsm8k-osra" in err
-    err = fails_cleanly(capsys, "eval", str(TINY), "eval.model=runs/tiny-gsm8k-osra", f"eval.path={FIXTURE}")
+    err = fails_cleanly(
+        capsys, "eval", "--config", str(TINY), "--eval.model=runs/tiny-gsm8k-osra", f"--eval.path={FIXTURE}"
+    )
     assert "no such file or directory: runs/tiny-gsm8k-osra" in err
     for name in ("./runs/x", "~/no-such-osora-dir", "/no/such/model"):
         err = fails_cleanly(capsys, "params", name)
@@ -177,13 +188,13 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     from osora.app.config import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):
-        main(["train", str(tmp_path / "nope.yaml"), "--debug"])
+        main(["train", "--config", str(tmp_path / "nope.yaml"), "--debug"])
 
 
 def test_the_real_command_prints_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
-        [sys.executable, "-m", "osora.app.cli", "train", str(tmp_path / "nope.yaml")],
+        [sys.executable, "-m", "osora.app.cli", "train", "--config", str(tmp_path / "nope.yaml")],
         capture_output=True,
         text=True,
         env=env,

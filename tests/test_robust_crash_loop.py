@@ -91,13 +91,13 @@ def command(out: Path, driver: Path) -> list[str]:
         str(driver),
         "train",
         str(TINY),
-        f"training.output_dir={out}",
-        f"data.path={FIXTURE}",
-        f"training.max_steps={MAX_STEPS}",
-        "training.save_steps=1",
-        "training.save_total_limit=3",
-        "training.lr_scheduler_type=linear",
-        "training.resume_from_checkpoint=true",
+        f"--training.output_dir={out}",
+        f"--data.path={FIXTURE}",
+        f"--training.max_steps={MAX_STEPS}",
+        "--training.save_steps=1",
+        "--training.save_total_limit=3",
+        "--training.lr_scheduler_type=linear",
+        "--training.resume_from_checkpoint=true",
     ]
 
 

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny" / "gsm8k-osora.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
 # 12 usable records, 4 per optimizer step: 3 steps per epoch, so step 4 is inside the second epoch.
-SCHEDULE = ["training.max_steps=5", "training.save_steps=2", "training.lr_scheduler_type=linear"]
+SCHEDULE = ["--training.max_steps=5", "--training.save_steps=2", "--training.lr_scheduler_type=linear"]
 
 
 def tiny_config(out: Path, *overrides: str) -> RunConfig:
-    return load_config(TINY, [f"training.output_dir={out}", f"data.path={FIXTURE}", *overrides])
+    return load_config(TINY, [f"--training.output_dir={out}", f"--data.path={FIXTURE}", *overrides])
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +57,7 @@ def test_resume_inside_a_later_epoch_equals_the_uninterrupted_run(tmp_path: Path
     assert cfg.training.train_sampling_strategy == "group_by_length"  # the default is what is tested
     run(cfg, callbacks=[StopAfterCheckpoint(4)])
     assert not (tmp_path / "adapter_model.safetensors").exists()
-    trainer = run(tiny_config(tmp_path, *SCHEDULE, "training.resume_from_checkpoint=true"))
+    trainer = run(tiny_config(tmp_path, *SCHEDULE, "--training.resume_from_checkpoint=true"))
     assert trainer.state.global_step == 5
     assert_same_adapter(tmp_path, straight)
 
@@ -86,7 +86,7 @@ def test_a_crash_inside_a_checkpoint_save_leaves_no_checkpoint_and_resume_uses_t
     assert newest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
 
     capsys.readouterr()
-    run(tiny_config(tmp_path, *SCHEDULE, "training.resume_from_checkpoint=true"))
+    run(tiny_config(tmp_path, *SCHEDULE, "--training.resume_from_checkpoint=true"))
     assert f"resuming from {tmp_path / 'checkpoint-2'}" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp*")), "stale staging folders are removed on the next write"
     assert_same_adapter(tmp_path, straight)
@@ -115,7 +115,7 @@ def test_resume_true_on_a_fresh_folder_starts_from_scratch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "new"
-    trainer = run(tiny_config(out, "training.max_steps=1", "training.resume_from_checkpoint=true"))
+    trainer = run(tiny_config(out, "--training.max_steps=1", "--training.resume_from_checkpoint=true"))
     assert trainer.state.global_step == 1
     assert f"no complete checkpoint in {out}: starting from scratch" in capsys.readouterr().out
     assert (out / "adapter_config.json").is_file()
@@ -136,7 +136,7 @@ class _SignalAt(TrainerCallback):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_and_saves_a_complete_adapter(tmp_path: Path, signum: int) -> None:
     previous = signal.getsignal(signum)
-    trainer = run(tiny_config(tmp_path, "training.max_steps=50"), callbacks=[_SignalAt(2, signum)])
+    trainer = run(tiny_config(tmp_path, "--training.max_steps=50"), callbacks=[_SignalAt(2, signum)])
     assert signal.getsignal(signum) is previous  # the handler is gone once training ends
     assert trainer.state.global_step == 2
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
@@ -150,7 +150,7 @@ def test_a_used_output_dir_is_refused_before_anything_is_written(tmp_path: Path)
     (tmp_path / "checkpoint-7").mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OutputDirError, match="overwrite_output_dir=true"):
-        run(tiny_config(tmp_path, "training.max_steps=1"))
+        run(tiny_config(tmp_path, "--training.max_steps=1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -158,7 +158,7 @@ def test_overwrite_output_dir_replaces_the_earlier_run_and_keeps_foreign_files(t
     (tmp_path / "eval-gsm8k.json").write_text("{}")
     (tmp_path / "checkpoint-7").mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    run(tiny_config(tmp_path, "training.max_steps=1", "training.overwrite_output_dir=true"))
+    run(tiny_config(tmp_path, "--training.max_steps=1", "--training.overwrite_output_dir=true"))
     assert not (tmp_path / "eval-gsm8k.json").exists() and not (tmp_path / "checkpoint-7").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert (tmp_path / "adapter_config.json").is_file()
@@ -168,5 +168,5 @@ def test_resume_true_does_not_restart_over_a_finished_run_without_checkpoints(tm
     (tmp_path / "osora_run.json").write_text("{}")
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(OutputDirError, match="holds a finished run without checkpoints"):
-        run(tiny_config(tmp_path, "training.max_steps=1", "training.resume_from_checkpoint=true"))
+        run(tiny_config(tmp_path, "--training.max_steps=1", "--training.resume_from_checkpoint=true"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "osora_run.json"]

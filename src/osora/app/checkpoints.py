@@ -46,7 +46,7 @@ WEIGHT_FILES = (
 FINAL_STAGING = ".final.tmp"
 #: Written by ``osora train`` when a run has finished.
 RUN_FILE = "osora_run.json"
-#: Entries an osora run writes into its output_dir (removed by ``training.overwrite_output_dir=true``).
+#: Entries an osora run writes into its output_dir (removed by ``--training.overwrite_output_dir=true``).
 RUN_ENTRY_PATTERNS = (
     f"{PREFIX_CHECKPOINT_DIR}-*",
     ".*.tmp*",
@@ -156,12 +156,12 @@ def prepare_output_dir(
         if not checkpoint.is_dir():
             raise OutputDirError(
                 f"training.resume_from_checkpoint: no such checkpoint folder: {resume}; "
-                "use training.resume_from_checkpoint=true for the newest complete one in output_dir"
+                "use --training.resume_from_checkpoint=true for the newest complete one in output_dir"
             )
         reason = incomplete_reason(checkpoint)
         if reason is not None:
             raise OutputDirError(
-                f"checkpoint {checkpoint} is incomplete ({reason}); use training.resume_from_checkpoint=true to "
+                f"checkpoint {checkpoint} is incomplete ({reason}); use --training.resume_from_checkpoint=true to "
                 "resume from the newest complete one"
             )
         if is_main:
@@ -172,7 +172,7 @@ def prepare_output_dir(
         if newest is None and (output_dir / RUN_FILE).exists() and not overwrite:
             raise OutputDirError(
                 f"training.output_dir {output_dir} holds a finished run without checkpoints, so there is nothing "
-                "to resume; choose a new training.output_dir, or replace it with training.overwrite_output_dir=true"
+                "to resume; choose a new training.output_dir, or replace it with --training.overwrite_output_dir=true"
             )
         if newest is None and overwrite and is_main:
             _remove_run_entries(output_dir)
@@ -187,8 +187,8 @@ def prepare_output_dir(
         if not overwrite:
             raise OutputDirError(
                 f"training.output_dir {output_dir} is not empty (it holds another run); choose a new "
-                "training.output_dir, continue it with training.resume_from_checkpoint=true, or replace it "
-                "with training.overwrite_output_dir=true"
+                "training.output_dir, continue it with --training.resume_from_checkpoint=true, or replace it "
+                "with --training.overwrite_output_dir=true"
             )
         if is_main:
             _remove_run_entries(output_dir)
@@ -381,7 +381,7 @@ def check_not_partial_adapter(folder: Path) -> None:
     if folder.is_dir() and weights and not (folder / "adapter_config.json").exists():
         raise AdapterFileError(
             f"{folder} holds adapter weights but no adapter_config.json: an incomplete adapter (its save was "
-            "interrupted); finish the run with training.resume_from_checkpoint=true, or use a checkpoint-N "
+            "interrupted); finish the run with --training.resume_from_checkpoint=true, or use a checkpoint-N "
             "folder inside it"
         )
 

@@ -1,5 +1,10 @@
 """``osora`` command line: ``osora <command> [args]``; each command lives in its own module.
 
+Every command takes one grammar, jsonargparse's: positional arguments, ``--key value`` (or ``--key=value``)
+options named after the fields or parameters they set, ``--config FILE.yaml`` for any of them and ``--help``
+listing them with types, defaults and help. ``osora train`` / ``osora eval`` parse the run schema
+(:mod:`osora.app.config`); the other commands' options are their function's signature (:func:`call`).
+
 A user's mistake (see :func:`user_errors`) is printed here, in one place, as ``osora COMMAND: problem; fix``
 with exit code 2 and no traceback; ``--debug`` anywhere on the command line shows the traceback instead.
 """
@@ -8,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 #: command -> (module, one-line help). Each module exposes ``main(argv: list[str]) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,6 +58,49 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelLoadError, ModelNotFoundError
 
     return (ConfigError, DataError, ModelNotFoundError, ModelLoadError, AdapterFileError, FileNotFoundError)
+
+
+def call(function: Callable[..., int], command: str, argv: list[str]) -> int:
+    """``function`` called with ARGV parsed against its signature (its docstring's ``Args:`` is the help).
+
+    Raises:
+        ConfigError: an argument that does not fit (printed by :func:`main`, exit 2).
+    """
+    from jsonargparse import CLI, ArgumentError
+
+    from .config import ConfigError
+
+    try:
+        return CLI(function, args=argv, prog=f"osora {command}", exit_on_error=False, allow_abbrev=False)
+    except ArgumentError as error:
+        raise ConfigError(
+            f"{' '.join(str(error).split())}; osora {command} --help lists the arguments"
+        ) from error
+
+
+def argument_parser(command: str, description: str) -> Any:
+    """A jsonargparse parser for ``osora COMMAND`` (``--config FILE.yaml`` included) whose mistakes raise."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=f"osora {command}", description=description, exit_on_error=False, allow_abbrev=False
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these arguments.")
+    return parser
+
+
+def parse_arguments(parser: Any, argv: list[str]) -> Any:
+    """``parser``'s namespace of ARGV; a mistake is a :class:`~osora.app.config.ConfigError` (exit 2)."""
+    from jsonargparse import ArgumentError
+
+    from .config import ConfigError
+
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as error:
+        raise ConfigError(
+            f"{' '.join(str(error).split())}; {parser.prog} --help lists the arguments"
+        ) from error
 
 
 def _message(error: BaseException) -> str:

@@ -1,16 +1,17 @@
-"""The application's one config schema: typed sections that YAML files and ``key=value`` overrides fill.
+"""The application's one config schema, and the one command-line grammar that fills it (jsonargparse).
 
 A run is described by :class:`RunConfig` with five sections (``model``, ``data``, ``method``, ``training``,
 ``eval``). ``model``, ``data`` and ``eval`` are osora's own dataclasses; the ``method`` section is a method name
 plus the fields of that method's PEFT config class (OSoRAConfig, LoraConfig, VeraConfig), and the ``training``
-section the fields of transformers' ``TrainingArguments``: both are checked against those classes' own
-annotations and validated by the classes themselves, so nothing is copied here. ``osora train --help`` prints
-every key. ``section.field=value`` arguments override the YAML file (values are parsed as YAML, so
-``training.learning_rate=2e-4`` and ``method.target_modules=[q_proj,v_proj]`` work). Unknown keys and values of
-the wrong type are errors naming the key.
+section the fields of transformers' ``TrainingArguments``: jsonargparse builds every option from those classes'
+own annotations and checks each value's type, and the classes validate the values themselves, so nothing is
+copied here. ``osora train --config run.yaml --training.learning_rate 2e-4 --method.r 16``: a YAML file
+(``--config``, repeatable) and ``--section.key value`` options, later ones winning; ``osora train --help`` lists
+every key of the chosen method, ``--print_config`` shows the merged config. Unknown keys and values of the wrong
+type are errors naming the key.
 
 Example:
-    >>> cfg = load_config(None, ["method.name=lora", "method.r=16"])
+    >>> cfg = load_config(None, ["--method.name=lora", "--method.r=16"])
     >>> cfg.method.peft_config().r
     16
 """
@@ -18,14 +19,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import types
-import typing
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
-
-import yaml
+from typing import Any, Literal
 
 DataFormat = Literal["auto", "metamath", "gsm8k", "commonsense", "alpaca", "math"]
 PromptStyle = Literal["paper", "alpaca", "chat"]
@@ -107,10 +107,10 @@ class DataConfig:
 class MethodConfig:
     """The fine-tuning method and the fields of its PEFT config (OSoRAConfig, LoraConfig or VeraConfig).
 
-    Every key of the section other than ``name`` is passed as given to the method's config class, which validates
-    it: ``method.r=32``, ``method.init_method=exact``, ``method.save_factors=false``, ``method.lora_alpha=64``.
-    ``dropout`` is the adapter's input dropout under any method (``lora_dropout`` / ``vera_dropout`` for peft's);
-    ``target_modules`` unset: the model's default targets (osora.config.DEFAULT_TARGET_MODULES).
+    ``fields`` are the keys the config sets besides ``name``, passed as given to the method's config class, which
+    validates them: ``--method.r 32``, ``--method.init_method exact``, ``--method.save_factors false``,
+    ``--method.lora_alpha 64``. ``dropout`` is the adapter's input dropout under any method (``lora_dropout`` /
+    ``vera_dropout`` for peft's); ``target_modules`` unset: the model's default targets.
     """
 
     name: str = _help(
@@ -126,16 +126,11 @@ class MethodConfig:
         """The method's PEFT config (None for full fine-tuning), built from :attr:`fields` as they are.
 
         Raises:
-            ConfigError: an unknown method, a key its config class has no field for, or a value it refuses.
+            ConfigError: an unknown method, or settings its config class refuses.
         """
-        from .methods import config_class, get_method, peft_config
+        from .methods import peft_config
 
-        try:
-            spec = get_method(self.name)
-        except ValueError as error:
-            raise ConfigError(f"method.name: {error}") from None
-        if spec.needs_head:
-            raise ConfigError(f"method.name={self.name} trains a classifier head; a causal LM has none")
+        spec = _method(self.name)
         if spec.family is None:
             if self.fields:
                 logging.getLogger("osora.config").warning(
@@ -144,24 +139,25 @@ class MethodConfig:
                     ", method.".join(self.fields),
                 )
             return None
-        cls = config_class(spec.family)
-        known = {f.name for f in dataclasses.fields(cls) if f.init} | {"dropout"}
-        unknown = sorted(set(self.fields) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key 'method.{unknown[0]}': {cls.__name__} (method {self.name}) has no such field; "
-                "osora train --help lists them"
-            )
-        hints = typing.get_type_hints(cls)
-        fields = {"task_type": "CAUSAL_LM", "target_modules": default_targets}
-        fields |= {
-            k: v if k == "dropout" else _check(f"method.{k}", v, hints[k]) for k, v in self.fields.items()
-        }
-        dropout = fields.pop("dropout", None)
+        fields = {"task_type": "CAUSAL_LM", **self.fields}
+        if fields.get("target_modules") is None:
+            fields["target_modules"] = default_targets
         try:
-            return peft_config(self.name, dropout=dropout, **fields)
+            return peft_config(self.name, **fields)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"method settings ({self.name}): {error}") from error
+
+
+def _method(name: str) -> Any:
+    from .methods import get_method
+
+    try:
+        spec = get_method(name)
+    except ValueError as error:
+        raise ConfigError(f"method.name: {error}") from None
+    if spec.needs_head:
+        raise ConfigError(f"method.name={name} trains a classifier head; a causal LM has none")
+    return spec
 
 
 #: osora's defaults for the training section where they differ from transformers' TrainingArguments.
@@ -180,7 +176,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 #: Training keys of osora's own (transformers' TrainingArguments has no such field, or a narrower type).
 OSORA_TRAINING_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "resume_from_checkpoint": (
-        str | bool | None,
+        bool | str | None,
         None,
         "A checkpoint directory, or true for the newest complete one in output_dir (none there: start from "
         "scratch, so a first run and a restart use the same command).",
@@ -196,53 +192,27 @@ OSORA_TRAINING_FIELDS: dict[str, tuple[Any, Any, str]] = {
 #: Names of transformers 4 that TrainingArguments 5 dropped, with the key to use instead.
 RENAMED_TRAINING_KEYS = {
     "warmup_ratio": "training.warmup_steps (a float below 1 is a fraction of the steps)",
-    "group_by_length": "training.train_sampling_strategy=group_by_length (or random)",
+    "group_by_length": "training.train_sampling_strategy group_by_length (or random)",
 }
 
 
 @dataclass
 class TrainingConfig:
-    """The training section: any field of transformers' ``TrainingArguments``, checked against its annotations
-    here and validated by ``TrainingArguments`` itself when a run builds it; plus ``resume_from_checkpoint`` (also
-    true) and ``overwrite_output_dir``. Unset fields take osora's defaults (:data:`TRAINING_DEFAULTS`), then
-    transformers'.
+    """The training section: every field of transformers' ``TrainingArguments`` (osora's defaults where they
+    differ, :data:`TRAINING_DEFAULTS`) plus ``resume_from_checkpoint`` (also true) and ``overwrite_output_dir``;
+    ``TrainingArguments`` validates them when a run builds it. ``cfg.training.<field>`` reads a value.
     """
 
-    values: dict[str, Any] = _help(None, "The keys the config sets.", factory=dict)
+    values: dict[str, Any] = _help(None, "Every key of the section.", factory=dict)
 
     def __getattr__(self, key: str) -> Any:
-        if key.startswith("__") or key == "values":
+        if key.startswith("__") or key == "values" or key not in self.values:
             raise AttributeError(key)
-        if key in self.values:
-            return self.values[key]
-        if key in OSORA_TRAINING_FIELDS:
-            return OSORA_TRAINING_FIELDS[key][1]
-        if key in TRAINING_DEFAULTS:
-            return TRAINING_DEFAULTS[key]
-        fields = _training_arguments_fields()
-        if key not in fields:
-            raise AttributeError(key)
-        f = fields[key]
-        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
+        return self.values[key]
 
     def arguments(self) -> dict[str, Any]:
-        """The keyword arguments of ``TrainingArguments``: osora's defaults, then the keys the config sets."""
-        values = {k: v for k, v in self.values.items() if k not in OSORA_TRAINING_FIELDS}
-        return {**TRAINING_DEFAULTS, **values}
-
-
-def _training_arguments_fields() -> dict[str, dataclasses.Field[Any]]:
-    from transformers import TrainingArguments
-
-    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-def _training_types() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    types_ = {name: hints[name] for name in _training_arguments_fields()}
-    return types_ | {name: tp for name, (tp, _, _) in OSORA_TRAINING_FIELDS.items()}
+        """The keyword arguments of ``TrainingArguments``."""
+        return {k: v for k, v in self.values.items() if k not in OSORA_TRAINING_FIELDS}
 
 
 @dataclass
@@ -287,206 +257,198 @@ class RunConfig:
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+    """A config file or option that does not fit the schema; the message names the key."""
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits the annotation ``tp``, and the value converted (int -> float, '1e-4' -> float)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            ok, converted = _type_ok(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        return value in get_args(tp), value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (item,) = get_args(tp)
-        results = [_type_ok(v, item) for v in value]
-        return all(ok for ok, _ in results), [v for _, v in results]
-    if origin is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
+#: peft's bookkeeping fields of every PEFT config: not the user's to set (task_type is always CAUSAL_LM).
+PEFT_BOOKKEEPING = frozenset(
+    {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version", "task_type"}
+)
+SECTIONS = ("model", "data", "method", "training", "eval")
 
 
-def _check(key: str, value: Any, tp: Any) -> Any:
-    ok, converted = _type_ok(value, tp)
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r} does not match its type {_type_name(tp)}")
-    return converted
+def _add_section(
+    parser: Any, cls: type, key: str, skip: frozenset[str] = frozenset(), **defaults: Any
+) -> None:
+    """``--key.field`` options for every field of dataclass ``cls``, its ``help`` metadata as their help."""
+    parser.add_class_arguments(cls, key, skip=set(skip), default=defaults or None, instantiate=False)
+    helps = {f.name: " ".join(str(f.metadata.get("help", "")).split()) for f in dataclasses.fields(cls)}
+    for action in parser._actions:
+        name = action.dest.removeprefix(f"{key}.")
+        if action.dest.startswith(f"{key}.") and helps.get(name):
+            action.help = helps[name]
 
 
-def _fill(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    if cls is MethodConfig:  # every key but the name goes to the method's PEFT config class, which checks it
-        fields = dict(values)
-        name = fields.pop("name", MethodConfig.name)
-        return MethodConfig(name=_check(f"{prefix}name", name, str), fields=fields)
-    if cls is TrainingConfig:
-        types_ = _training_types()
-        for key in values:
-            if key not in types_:
-                hint = RENAMED_TRAINING_KEYS.get(key)
-                raise ConfigError(
-                    f"unknown config key '{prefix}{key}'"
-                    + (f"; use {hint}" if hint else "; the training section takes TrainingArguments' fields")
-                )
-        return TrainingConfig({key: _check(f"{prefix}{key}", v, types_[key]) for key, v in values.items()})
-    hints = typing.get_type_hints(cls)
-    fields_ = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in fields_:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys: {', '.join(sorted(fields_))}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _fill(tp, value or {}, f"{prefix}{key}.")  # type: ignore[arg-type]
-            continue
-        kwargs[key] = _check(f"{prefix}{key}", value, tp)
-    return cls(**kwargs)
+@functools.cache
+def parser(command: str = "train", family: str | None = "osora") -> Any:
+    """The jsonargparse parser of ``osora COMMAND`` whose method section is the fields of ``family``'s config
+    class (None: any keys, as a mapping; read to find the method's name, and for methods without an adapter)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from transformers import TrainingArguments
+
+    from .methods import config_class
+
+    p = ArgumentParser(
+        prog=f"osora {command}",
+        description="A run from YAML files (--config, repeatable; later ones win) and --section.key VALUE options: "
+        "model, data, method (its name and the fields of its PEFT config class: --method.name lora --help lists "
+        "LoraConfig's), training (transformers' TrainingArguments, osora's defaults where they differ) and eval.",
+        exit_on_error=False,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML config file (repeatable; later ones win)."
+    )
+    for key, section in (("model", ModelConfig), ("data", DataConfig), ("eval", EvalConfig)):
+        _add_section(p, section, key)
+    if family is None:
+        p.add_argument(
+            "--method", type=dict[str, Any], default={}, help="The method's name and config fields."
+        )
+    else:
+        help_ = MethodConfig.__dataclass_fields__["name"].metadata["help"]
+        p.add_argument("--method.name", type=str, default=MethodConfig.name, help=help_)
+        cls = config_class(family)  # type: ignore[arg-type]
+        _add_section(p, cls, "method", PEFT_BOOKKEEPING)
+        if "dropout" not in {f.name for f in dataclasses.fields(cls)}:
+            p.add_argument(
+                "--method.dropout", type=float | None, default=None, help="The adapter's input dropout."
+            )
+    _add_section(p, TrainingArguments, "training", frozenset(OSORA_TRAINING_FIELDS), **TRAINING_DEFAULTS)
+    for name, (tp, default, text) in OSORA_TRAINING_FIELDS.items():
+        p.add_argument(f"--training.{name}", type=tp, default=default, help=text)
+    return p
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[leaf] = value
+def parse(command: str, argv: list[str]) -> RunConfig:
+    """The :class:`RunConfig` of ``osora COMMAND ARGV`` (``--config`` files and ``--section.key value`` options).
 
+    The method's name is read first (any method keys accepted), then the arguments are parsed again with the
+    method section typed by that method's PEFT config class, so ``--help`` lists its fields.
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """A :class:`RunConfig` from a YAML file (or the defaults) and ``section.key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        tree = _read_yaml(Path(path))
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError as error:
-            raise ConfigError(
-                f"override {item!r}: its value is not valid YAML ({_yaml_problem(error)})"
-            ) from error
-        _set_dotted(tree, key.strip(), value)
+    Raises:
+        ConfigError: a missing or invalid config file, an unknown key or a value of the wrong type.
+        SystemExit: ``--help`` or ``--print_config`` printed what they print.
+    """
+    from jsonargparse import ArgumentError
+
+    family: str | None = "osora"
     try:
-        cfg = _fill(RunConfig, tree, "")
-        cfg.method.peft_config()  # validated by the method's own config class
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from error
+        for path in (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"):
+            _require_file(Path(path))
+        first = [a for a in argv if a not in {"-h", "--help"} and not a.startswith("--print_config")]
+        family = _method(parser(command, None).parse_args(first).method.get("name", MethodConfig.name)).family
+        p = parser(command, family)
+        ns = p.parse_args(argv)
+    except ArgumentError as error:
+        raise ConfigError(_explain(str(error), argv, family)) from error
+    sections = {key: ns[key].as_dict() if hasattr(ns[key], "as_dict") else ns[key] for key in SECTIONS}
+    method = sections["method"]
+    method.setdefault("name", MethodConfig.name)
+    if family is None:
+        fields = {k: v for k, v in method.items() if k != "name"}
+    else:  # the keys the config sets (the class's own defaults are left to it)
+        defaults = _method_defaults(command, family)
+        fields = {k: v for k, v in method.items() if k != "name" and v != defaults.get(k)}
+    cfg = RunConfig(
+        model=ModelConfig(**sections["model"]),
+        data=DataConfig(**sections["data"]),
+        method=MethodConfig(name=method["name"], fields=fields),
+        training=TrainingConfig(sections["training"]),
+        eval=EvalConfig(**sections["eval"]),
+    )
+    cfg.method.peft_config()  # validated by the method's own config class
     return cfg
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    return str(problem)
+@functools.cache
+def _method_defaults(command: str, family: str) -> dict[str, Any]:
+    return parser(command, family).parse_args([])["method"].as_dict()
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """The mapping of a YAML config file, or a :class:`ConfigError` naming the file (and line) at fault."""
+def _require_file(path: Path) -> None:
     if not path.is_file():
         what = "is a directory, not a YAML file" if path.is_dir() else "no such file"
         raise ConfigError(
             f"config file {path}: {what}; pass the path of a YAML config such as configs/tiny/gsm8k-osora.yaml"
         )
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(error)}") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not a text (UTF-8) YAML file ({error.reason})") from error
-    tree = tree or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of sections (model, data, method, training, eval)"
-        )
-    return tree
+
+
+def _explain(message: str, argv: list[str], family: str | None) -> str:
+    """jsonargparse's message for a user's mistake as one line naming the key, its file and the fix where known."""
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    yaml_at = re.search(
+        r"Problems parsing config:\s*(.*?)\s+in \"<unicode string>\", line (\d+), column (\d+)", message, re.S
+    )
+    if yaml_at:
+        return f"{configs[-1]}:{yaml_at.group(2)}:{yaml_at.group(3)}: invalid YAML: {yaml_at.group(1)}"
+    unknown = re.search(
+        r"Group '(\w+)' does not accept option '(\w+)'|unrecognized arguments: --(\w+)\.(\w+)", message
+    )
+    typed = re.match(r'Parser key "(\w+)\.([\w.]+)":\s*(.*)', message, re.S)
+    if unknown:
+        section, key = unknown.group(1) or unknown.group(3), unknown.group(2) or unknown.group(4)
+        text = f"unknown config key '{section}.{key}'; osora train --help lists the keys"
+        if section == "training" and key in RENAMED_TRAINING_KEYS:
+            text = f"unknown config key 'training.{key}'; use {RENAMED_TRAINING_KEYS[key]}"
+        if section == "method" and family is not None:
+            from .methods import config_class
+
+            cls = config_class(family).__name__  # type: ignore[arg-type]
+            text = (
+                f"unknown config key 'method.{key}': {cls} has no such field; osora train --help lists them"
+            )
+    elif typed:
+        section, key = typed.group(1), typed.group(2)
+        text = f"config key '{section}.{key}': {' '.join(typed.group(3).split())}"
+    else:
+        return " ".join(message.split())
+    from_file = configs and not any(a.startswith(f"--{section}.{key}") for a in argv)
+    return f"{configs[-1]}: {text}" if from_file else text
+
+
+def load_config(path: str | Path | None, args: list[str] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from a YAML file (or the defaults) and ``--section.key=value`` options."""
+    return parse("train", [*(["--config", str(path)] if path is not None else []), *(args or [])])
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain data (saved next to every run and report); training with its defaults filled in."""
+    """The config as plain data (saved next to every run and report)."""
     tree = dataclasses.asdict(cfg)
     tree["method"] = {"name": cfg.method.name, **cfg.method.fields}
-    own = {name: getattr(cfg.training, name) for name in OSORA_TRAINING_FIELDS}
-    tree["training"] = {**cfg.training.arguments(), **own}
+    tree["training"] = dict(cfg.training.values)
     return tree
 
 
-def _field_lines(prefix: str, cls: type, skip: frozenset[str] = frozenset()) -> list[str]:
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-        lines.append(f"  {prefix}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
-        lines.append(f"      {' '.join(str(f.metadata.get('help', '')).split())}")
-    return lines
+def _current_grammar(argv: list[str]) -> list[str]:
+    """The arguments in the parser's grammar: the earlier ``CONFIG.yaml section.key=value ...`` form still works
+    (``--config CONFIG.yaml --section.key=value``), with a note, while commands written in it are updated."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i == 0 and not arg.startswith("-") and "=" not in arg:
+            out += ["--config", arg]
+        elif not arg.startswith("-") and arg.split("=", 1)[0].split(".")[0] in SECTIONS and "=" in arg:
+            out.append(f"--{arg}")
+        else:
+            out.append(arg)
+    if out != argv:
+        print(
+            "osora: note: write --config CONFIG.yaml and --section.key=value (the older form is read as that)",
+            file=sys.stderr,
+        )
+    return out
 
 
-def help_text() -> str:
-    """Every config key with its type, default and help, section by section."""
-    from osora import OSoRAConfig
+def config_from_argv(command: str, argv: list[str]) -> RunConfig | int:
+    """The RunConfig of ``osora COMMAND [--config CONFIG.yaml] [--section.key value ...]``, or the exit code.
 
-    lines: list[str] = []
-    for section in ("model", "data", "eval"):
-        cls = typing.get_type_hints(RunConfig)[section]
-        lines += [f"{section}: {cls.__doc__}", *_field_lines(section, cls)]
-    lines += [f"method: {' '.join(str(MethodConfig.__doc__).split())}"]
-    lines += [
-        f"  method.name (str, default {MethodConfig.name!r})",
-        f"      {MethodConfig.__dataclass_fields__['name'].metadata['help']}",
-    ]
-    lines += ["  OSoRAConfig's fields (osora, osora-S, osora-O, osora-scaled):"]
-    peft_own = frozenset({"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"})
-    lines += _field_lines("method", OSoRAConfig, peft_own | {"task_type", "inference_mode"})
-    lines += [f"training: {' '.join(str(TrainingConfig.__doc__).split())}"]
-    for name, (tp, default, text) in OSORA_TRAINING_FIELDS.items():
-        lines += [f"  training.{name} ({_type_name(tp)}, default {default!r})", f"      {text}"]
-    lines += ["  osora's defaults: " + ", ".join(f"{k}={v!r}" for k, v in TRAINING_DEFAULTS.items())]
-    return "\n".join(lines)
-
-
-def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def config_from_argv(command: str, usage: str, argv: list[str]) -> RunConfig | int:
-    """The RunConfig of ``osora COMMAND [CONFIG.yaml] [section.key=value ...]``, or the exit code to return.
-
-    ``-h``/``--help`` prints the usage and every field's help (exit 0); no arguments print it too (exit 2). A
-    config error raises :class:`ConfigError`, which the ``osora`` command prints without a traceback (exit 2).
+    ``-h``/``--help`` prints every key with its type, default and help (exit 0); no arguments print it too
+    (exit 2). A config error raises :class:`ConfigError`, which the ``osora`` command prints (exit 2).
     """
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(f"usage: osora {command} {usage}\n\n" + help_text())
-        return 0 if argv else 2
-    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
-    return load_config(config_path, overrides)  # a ConfigError is printed by osora.app.cli (exit 2)
+    if not argv:
+        parser(command).print_help()
+        return 2
+    try:
+        return parse(command, _current_grammar(argv))
+    except SystemExit as done:  # --help, --print_config
+        return int(done.code or 0)

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -32,10 +31,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from .cli import argument_parser, parse_arguments
 from .config import MethodConfig
 from .data import encode, make_prompt
 from .evaluate import generate, merged_for_inference
@@ -107,7 +107,7 @@ def exact_match(predictions: list[str], records: list[dict[str, str]]) -> float:
     return sum(p == r["output"] for p, r in zip(predictions, records)) / max(len(records), 1)
 
 
-def train(model: Any, tokenizer: Any, records: list[dict[str, str]], args: argparse.Namespace, lr: float):
+def train(model: Any, tokenizer: Any, records: list[dict[str, str]], args: Any, lr: float):
     """Train ``model`` for ``args.steps`` steps with transformers' Trainer; returns (per-step losses, seconds)."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -169,23 +169,24 @@ def table(rows: list[dict[str, Any]]) -> str:
 # -- main ---------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="osora demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", action="store_true", help="run the MiniLM-L6 sentiment demo instead")
+def parse_args(argv: list[str]) -> Any:
+    p = argument_parser("demo", __doc__.split("\n\n")[0] + " (--encoder first: the MiniLM-L6 sentiment demo)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"causal LM (default: {DEFAULT_MODEL}, offline)")
     p.add_argument("--out", default="osora-demo", help="output directory (default: ./osora-demo)")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS))
+    methods = Literal[tuple(DEMO_METHODS)]  # type: ignore[misc,valid-type]  # the names of DEMO_METHODS
+    p.add_argument("--methods", type=list[methods], default=list(DEMO_METHODS))  # type: ignore[valid-type]
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per method (the same budget)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--train-size", type=int, default=512)
-    p.add_argument("--test-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=80, help="tokens per training record (prompt + answer)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--train_size", type=int, default=512)
+    p.add_argument("--test_size", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=80, help="tokens per training record (prompt + answer)")
     p.add_argument(
-        "--lr", type=float, nargs="*", default=None, help="learning rate per method (default: tuned)"
+        "--lr", type=list[float] | None, default=None, help="learning rate per method (default: tuned)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=4, help="held-out answers shown before and after")
-    return p.parse_args(argv)
+    args = parse_arguments(p, argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": args.model,
         "task": "date -> YYYY-MM-DD (generated, held-out years)",
-        "config": vars(args),
+        "config": args.as_dict(),
         "results": rows,
         "examples": [
             {

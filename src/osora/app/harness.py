@@ -3,7 +3,7 @@
 The model loads as every osora command loads it (:func:`osora.app.evaluate.load_model`: an OSoRA or other PEFT
 adapter folder on its base, a merged or exported folder, a ``.gguf`` file, a short name) and goes to lm-eval's
 ``HFLM`` as the model object itself, so an OSoRA adapter is scored in-process, unmerged, by a harness that never
-imports osora. The tasks are lm-eval YAMLs shipped in :data:`TASKS_DIR`, for the local files under ``--data-dir``
+imports osora. The tasks are lm-eval YAMLs shipped in :data:`TASKS_DIR`, for the local files under ``--data_dir``
 (default ``../shared/data``, relative to the working directory like the configs' paths), offline:
 
 * ``osora_boolq``, ``osora_arc_e``, ``osora_arc_c``, ``osora_obqa`` (group ``osora_commonsense``):
@@ -20,12 +20,11 @@ The same YAMLs serve lm-eval's own CLI (``--include_path``; README): the data fu
 metadata (``data_dir``, ``prompt``).
 
 Example:
-    osora eval --harness osora_commonsense runs/smollm2-135m-commonsense-osora --limit 100
+    osora eval --harness commonsense runs/smollm2-135m-commonsense-osora --limit 100
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import json
@@ -33,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .checkpoints import RUN_FILE, atomic_write_text
 from .config import ConfigError, PromptStyle
@@ -42,7 +41,7 @@ from .scoring import TASKS, commonsense_options, option_response
 
 #: lm-eval task YAMLs for the local data (``--include_path`` for lm-eval's CLI).
 TASKS_DIR = Path(__file__).parent / "harness_tasks"
-#: Where the data lives unless ``--data-dir`` says otherwise (relative to the working directory).
+#: Where the data lives unless ``--data_dir`` says otherwise (relative to the working directory).
 DEFAULT_DATA_DIR = "../shared/data"
 PROMPT_STYLES: tuple[PromptStyle, ...] = ("chat", "paper", "alpaca")
 _PREFIX = "osora_"
@@ -63,7 +62,7 @@ def _splits(files: Mapping[str, Path], fields: Callable[[dict[str, Any]], dict[s
     for path in files.values():
         if not path.is_file():
             raise DataError(
-                f"{path}: no such file; pass --data-dir (lm-eval: --metadata '{{\"data_dir\": ...}}') pointing at "
+                f"{path}: no such file; pass --data_dir (lm-eval: --metadata '{{\"data_dir\": ...}}') pointing at "
                 f"the folder that holds commonsense/ and gsm8k/ (default {DEFAULT_DATA_DIR})"
             )
     return datasets.DatasetDict(
@@ -282,42 +281,53 @@ def evaluate_harness(
     return report
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="osora eval --harness", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--harness", required=True, metavar="TASKS", help="comma-separated task names, e.g. boolq,gsm8k"
-    )
-    p.add_argument("model", help="adapter folder, merged/base model folder, .gguf file, short name or hub id")
-    p.add_argument(
-        "--base", default=None, help="base model of an adapter (default: from adapter_config.json)"
-    )
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding commonsense/ and gsm8k/")
-    p.add_argument("--prompt", default="auto", choices=["auto", *PROMPT_STYLES], help="prompt style")
-    p.add_argument("--limit", type=int, default=None, help="the first N records of each test set")
-    p.add_argument("--num-fewshot", type=int, default=None, help="solved examples from the train split")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-gen-toks", type=int, default=256, help="generation length limit (GSM8K)")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype"
-    )
-    p.add_argument("--output", default=None, help="report JSON (default: MODEL/harness-results.json)")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    from .cli import call
+
+    return call(harness_eval, "eval", argv)
+
+
+def harness_eval(
+    model: str,
+    *,
+    harness: str,
+    base: str | None = None,
+    data_dir: str = DEFAULT_DATA_DIR,
+    prompt: Literal["auto", "chat", "paper", "alpaca"] = "auto",
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    max_gen_toks: int = 256,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    output: str | None = None,
+) -> int:
+    """Score a base model, an adapter or a merged model with lm-evaluation-harness on the local data.
+
+    Args:
+        model: Adapter folder, merged/base model folder, .gguf file, short name or hub id.
+        harness: Comma-separated task names: boolq, arc_e, arc_c, obqa, commonsense (the four), gsm8k.
+        base: Base model of an adapter (default: from adapter_config.json).
+        data_dir: The folder holding commonsense/ and gsm8k/.
+        prompt: Prompt style; auto: the run's data.prompt, else chat where the tokenizer has a template, else paper.
+        limit: Score the first N records of each test set.
+        num_fewshot: Solved examples from the train split before each question.
+        batch_size: Requests scored together.
+        max_gen_toks: Generation length limit (GSM8K).
+        dtype: Dtype the weights are loaded in.
+        output: The report JSON (default: MODEL/harness-results.json).
+    """
     evaluate_harness(
-        args.model,
-        args.harness,
-        base=args.base,
-        data_dir=args.data_dir,
-        prompt=args.prompt,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size,
-        max_gen_toks=args.max_gen_toks,
-        dtype=args.dtype,
-        output=args.output,
+        model,
+        harness,
+        base=base,
+        data_dir=data_dir,
+        prompt=prompt,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        max_gen_toks=max_gen_toks,
+        dtype=dtype,
+        output=output,
     )
     sys.stdout.flush()
     return 0

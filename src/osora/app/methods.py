@@ -67,7 +67,9 @@ def get_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
     if name in RENAMED:
-        raise ValueError(f"method '{name}' is now spelled '{RENAMED[name]}'; use method.name={RENAMED[name]}")
+        raise ValueError(
+            f"method '{name}' is now spelled '{RENAMED[name]}'; use --method.name={RENAMED[name]}"
+        )
     raise ValueError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
 
 

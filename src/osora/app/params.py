@@ -17,15 +17,16 @@ the benchmarks print and record that one.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
+from json import dumps
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .cli import call
 from .methods import get_method, peft_config
 
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -189,34 +190,37 @@ def plot(rows: list[dict[str, int]], title: str, png: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="osora params", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="config.json, model dir, hub id, or an osora train YAML")
-    parser.add_argument("--ranks", type=int, nargs="+", default=DEFAULT_RANKS, help="ranks to tabulate")
-    parser.add_argument(
-        "--targets",
-        nargs="+",
-        default=None,
-        help="module names to adapt (default: OSoRA's defaults for the architecture, else all linears)",
-    )
-    parser.add_argument(
-        "--o-dim", choices=["output", "input"], default="output", help="the dimension OSoRA's O scales"
-    )
-    parser.add_argument(
-        "--png", type=Path, default=Path("params_vs_rank.png"), help="where to write the plot"
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
-    args = parser.parse_args(argv)
+def params(
+    source: str,
+    ranks: list[int] = DEFAULT_RANKS,
+    targets: list[str] | None = None,
+    o_dim: Literal["output", "input"] = "output",
+    png: Path = Path("params_vs_rank.png"),
+    json: Path | None = None,
+) -> int:
+    """Trainable parameters vs rank for LoRA, VeRA and OSoRA (the paper's Figure 1).
 
-    model = meta_model(load_model_config(args.source))
-    matrices, rows = table(model, args.ranks, args.targets, o_dim=args.o_dim)
+    Args:
+        source: config.json, model dir, short name, hub id, or an osora train YAML.
+        ranks: Ranks to tabulate.
+        targets: Module names to adapt (default: OSoRA's defaults for the architecture, else all linears).
+        o_dim: The dimension OSoRA's O scales.
+        png: Where to write the plot.
+        json: Also write the table as JSON here.
+    """
+    model = meta_model(load_model_config(source))
+    matrices, rows = table(model, ranks, targets, o_dim=o_dim)
     total = sum(m.d_in * m.d_out for m in matrices)
-    print(f"{args.source}: {len(matrices)} adapted matrices, {total:,} weights in them")
+    print(f"{source}: {len(matrices)} adapted matrices, {total:,} weights in them")
     print(f"{'r':>5} {'LoRA':>15} {'VeRA':>12} {'OSoRA':>12}")
     for row in rows:
         print(f"{row['r']:>5} {row['lora']:>15,} {row['vera']:>12,} {row['osora']:>12,}")
-    plot(rows, f"{Path(args.source).stem}: trainable parameters vs rank", args.png)
-    print(f"plot: {args.png}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"source": args.source, "o_dim": args.o_dim, "rows": rows}, indent=2))
+    plot(rows, f"{Path(source).stem}: trainable parameters vs rank", png)
+    print(f"plot: {png}")
+    if json is not None:
+        json.write_text(dumps({"source": source, "o_dim": o_dim, "rows": rows}, indent=2))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return call(params, "params", argv)

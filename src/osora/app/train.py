@@ -1,4 +1,4 @@
-"""``osora train CONFIG.yaml [section.key=value ...]``: fine-tune a causal LM with OSoRA or a PEFT baseline.
+"""``osora train --config CONFIG.yaml [section.key=value ...]``: fine-tune a causal LM with OSoRA or a PEFT baseline.
 
 Every method runs through the same data, schedule and transformers ``Trainer`` (mixed precision, gradient
 accumulation and checkpointing, checkpoints and resume, TensorBoard, progress bars); several GPUs come from
@@ -7,7 +7,7 @@ implementations: LoRA, VeRA, PiSSA (``init_lora_weights="pissa"``), DoRA (``use_
 every weight. The adapter (or the full model) and the tokenizer are saved to ``training.output_dir`` at the end.
 
 Example:
-    osora train configs/tiny/gsm8k-osora.yaml training.max_steps=2
+    osora train --config configs/tiny/gsm8k-osora.yaml --training.max_steps=2
     accelerate launch -m osora.app.cli train configs/qwen2-7b-metamath-osora.yaml
 """
 
@@ -51,7 +51,9 @@ def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
     else:
         source = model_cfg.tokenizer or model_cfg.name_or_path
         if source is None:
-            raise ValueError("set model.tokenizer or model.name_or_path (or model.tokenizer_from_data=true)")
+            raise ValueError(
+                "set model.tokenizer or model.name_or_path (or --model.tokenizer_from_data=true)"
+            )
         return load_tokenizer(source, model_cfg.trust_remote_code)  # sets the pad token where there is none
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -114,8 +116,8 @@ def training_arguments(cfg: RunConfig):
     from transformers import TrainingArguments
 
     arguments = cfg.training.arguments()
-    if arguments.get("activation_checkpointing") or arguments.get("gradient_checkpointing"):
-        arguments.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    if arguments.get("activation_checkpointing") and not arguments.get("activation_checkpointing_kwargs"):
+        arguments["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     try:
         return TrainingArguments(**arguments)
     except (ValueError, TypeError) as error:
@@ -213,7 +215,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
         print(
             f"interrupted by {signal.Signals(stop.received).name} at step {trainer.state.global_step}: saved "
             f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step} and the adapter to {out}; continue with "
-            "training.resume_from_checkpoint=true",
+            "--training.resume_from_checkpoint=true",
             flush=True,
         )
     if trainer.is_world_process_zero():
@@ -231,7 +233,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
 
 
 def main(argv: list[str]) -> int:
-    cfg = config_from_argv("train", "CONFIG.yaml [section.key=value ...]", argv)
+    cfg = config_from_argv("train", argv)
     if isinstance(cfg, int):
         return cfg
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -32,13 +32,20 @@ def power_law_stack(batch: int, m: int, n: int, alpha: float = 0.35, seed: int =
 
 @pytest.mark.parametrize("shape", [(200, 320), (320, 200)])
 @pytest.mark.parametrize("method", ["randomized", "exact"])
-def test_batched_equals_single(shape: tuple[int, int], method: str) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_equals_single(shape: tuple[int, int], method: str, threads: int) -> None:
     """Each matrix's factors are those of the matrix alone, bit for bit, although the matrices of the batch stop
-    iterating at different steps (compact adapters recompute factors on load, possibly in another batch)."""
-    W = power_law_stack(4, *shape)
+    iterating at different steps and, with 2 threads, are split between threads (compact adapters recompute
+    factors on load, possibly in another batch, on a machine with another thread count)."""
+    W = power_law_stack(5, *shape)
     W[1] = power_law_stack(1, *shape, alpha=3.0, seed=1)[0]  # a fast decay: fewer Krylov steps
     spec = SVDSpec(method=method, oversample=8, power_iters=0)  # type: ignore[arg-type]
-    batched = batched_top_r_svd(W, 8, spec)
+    torch.set_num_threads(threads)
+    try:
+        batched = batched_top_r_svd(W, 8, spec)
+        assert torch.get_num_threads() == threads  # restored after the single-threaded kernels
+    finally:
+        torch.set_num_threads(1)
     iterations = {f.accuracy.power_iters for f in batched if f.accuracy is not None}
     if method == "randomized":
         assert len(iterations) > 1, "the test needs matrices that stop at different Krylov steps"

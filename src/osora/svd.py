@@ -7,8 +7,9 @@ stacked with others (``tests/test_factors.py`` checks this), which compact adapt
 
 Two methods, chosen per shape:
 
-- ``"exact"``: the top r of the exact SVD, from the eigendecomposition of the smaller Gram matrix W Wᵀ or WᵀW
-  (the full torch.linalg.svd where the top r singular values span more than a factor 10). O(m n min(m, n)).
+- ``"exact"``: the top r of the exact SVD, from the top r eigenpairs of the smaller Gram matrix W Wᵀ or WᵀW
+  (LAPACK ssyevr on the CPU; the full torch.linalg.svd where the top r singular values span more than a factor
+  10). O(m n min(m, n)).
 - ``"randomized"``: block Krylov iteration on a seeded Gaussian sketch (Halko, Martinsson & Tropp 2011, §4.4;
   Musco & Musco 2015) with Rayleigh–Ritz extraction. With A = W oriented so that m ≤ n, Ω (n, k) Gaussian,
   k = r + oversample: Q₀ = orth(A Ω), Q_j = orth((I − P) A Aᵀ Q_{j−1}) against all earlier blocks, and the
@@ -22,8 +23,9 @@ Two methods, chosen per shape:
   float32 Rayleigh–Ritz step on the top k Ritz vectors (two more products with W, k and r columns), and the
   accuracy estimate is that of the float32 triplets.
 
-``"randomized"`` computes the exact SVD instead for the shapes where the cost model (:func:`prefers_exact`)
-predicts it is cheaper: small matrices, or a sketch that is not much narrower than the matrix.
+``"randomized"`` computes the exact SVD instead for the shapes where the cost model (:func:`prefers_exact`,
+fitted to measured times of both methods) predicts it is cheaper: small matrices (SmolLM2-135M's 576 × 1536 and
+192 × 576 weights at r = 32), or a sketch that is not much narrower than the matrix.
 
 The randomized method checks its own result from the residuals of the Ritz triplets, rᵢ = W vᵢ − σ̃ᵢ uᵢ (Wᵀuᵢ
 = σ̃ᵢ vᵢ holds exactly by construction); during the iteration they come from the stored W Wᵀ basis without
@@ -45,6 +47,8 @@ an :class:`SVDAccuracyWarning` gives the figure.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -53,15 +57,22 @@ import torch
 InitMethod = Literal["randomized", "exact"]
 SketchDtype = Literal["auto", "bfloat16", "float32"]
 
-#: Time of the eigendecomposition of an (m, m) Gram matrix divided by that of an (m, m) × (m, m) matrix product,
-#: float32 on one CPU thread: 2.6–3.3 for SmolLM2's 576-wide weights on the 2-core development machine (under
-#: load; ``python benchmarks/init_cost.py --calibrate`` prints the ratios per shape). The cost model needs its
-#: order of magnitude only.
-EIGH_COST_RATIO = 3.0
+#: Time of the top-r eigenpairs of an (m, m) Gram matrix (:func:`top_eigenpairs`: LAPACK ssyevr, one thread)
+#: divided by that of an (m, m) × (m, m) float32 product: about 4 on the development machine's AMD EPYC for
+#: m = 576 … 4096 (``python benchmarks/init_cost.py --calibrate`` prints it per shape).
+EIGH_COST_RATIO = 4.0
 
 #: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured
 #: 0.2–0.35 on the development machine's AMD EPYC (AVX-512 BF16, oneDNN) for 576 × 1536 … 4096 × 11008.
 BFLOAT16_PASS_COST = 0.35
+
+#: Measured time of the randomized method over its operation count below (the Krylov products alone, which is
+#: what the count counts well, are a fraction of the time: the orthogonalisations, the Ritz eigenproblems of each
+#: accuracy check and the copies of a growing basis make up the rest). 6 fits the measured crossover on the
+#: development CPU, one thread: SmolLM2-135M's real weights at r = 8, 32, 128 (exact faster for the 576 × 1536
+#: shapes, level at 576², r = 32) and power-law matrices of 576² … 4096² (randomized faster from 1024² at r ≤ 32,
+#: from 2048² at r = 128); ``benchmarks/init_cost.py --calibrate`` times both methods on these shapes.
+RANDOMIZED_OVERHEAD = 6.0
 
 #: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
 #: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
@@ -204,38 +215,63 @@ def subspace_agreement(A: torch.Tensor, B: torch.Tensor) -> float:
 def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.device | None = None) -> bool:
     """True when the exact SVD of a (m, n) weight is predicted to be cheaper than the randomized method.
 
-    Both costs in units of one multiply-add of a float32 matrix product: the exact SVD m² n for the Gram matrix
-    plus ``EIGH_COST_RATIO`` · m³ for its eigendecomposition (m ≤ n); the randomized method m n k (2q + 3) for
-    the sketch and the q Krylov steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for
-    the float32 refinement), plus m K² for the orthogonalisations (K = k(q + 1)). q is ``power_iters``; the
-    adaptive extra blocks are not predicted.
+    Both costs in units of one multiply-add of a float32 matrix product (m ≤ n). The exact SVD: m² n for the Gram
+    matrix plus ``EIGH_COST_RATIO`` · m³ for its top-r eigenpairs. The randomized method, with q = ``power_iters``
+    + 1 Krylov steps (pretrained weights typically need one adaptive block beyond ``power_iters``; SmolLM2-135M's
+    at r = 32: 4.6 on average for power_iters = 3): m n k (2q + 3) for the sketch and the steps (times
+    ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32 refinement) and m K² for the
+    orthogonalisations (K = k(q + 1)), all times ``RANDOMIZED_OVERHEAD``, its measured time per counted
+    operation.
     """
     m, n = sorted(shape)  # m ≤ n
     k = spec.block_width(r)
-    width = k * (spec.power_iters + 1)  # K
+    q = spec.power_iters + 1
+    width = k * (q + 1)  # K
     if width >= m:  # the Krylov basis would span everything: nothing left to save
         return True
-    passes = m * n * k * (2 * spec.power_iters + 3)
+    passes = m * n * k * (2 * q + 3)
     if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
         passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
-    return m * m * n + EIGH_COST_RATIO * m**3 <= passes + m * width * width
+    randomized = RANDOMIZED_OVERHEAD * (passes + m * width * width)
+    return m * m * n + EIGH_COST_RATIO * m**3 <= randomized
+
+
+def top_eigenpairs(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The r largest eigenvalues (B, r), descending, and their eigenvectors (B, m, r) of each symmetric M (B, m, m).
+
+    On the CPU, LAPACK's ``ssyevr`` (through scipy) computes only those r: the tridiagonal reduction plus r
+    eigenvectors, 2–3× faster than the full eigendecomposition at m = 576. Elsewhere (CUDA) the batched full
+    ``torch.linalg.eigh``. Each matrix's result depends only on that matrix.
+    """
+    m = M.shape[-1]
+    if M.device.type != "cpu":
+        evals, evecs = torch.linalg.eigh(M)  # ascending
+        return evals.flip(-1)[..., :r], evecs.flip(-1)[..., :r]
+    import scipy.linalg
+
+    pairs = [
+        scipy.linalg.eigh(x, subset_by_index=[m - r, m - 1], driver="evr", check_finite=False)
+        for x in M.detach().float().contiguous().numpy()
+    ]
+    evals = torch.stack([torch.from_numpy(w) for w, _ in pairs]).to(M.dtype)  # (B, r) ascending
+    evecs = torch.stack([torch.from_numpy(v) for _, v in pairs]).to(M.dtype)  # (B, m, r)
+    return evals.flip(-1), evecs.flip(-1)
 
 
 def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
     """Exact top-r float32 SVD of each (m, n) matrix of W (B, m, n).
 
-    From the eigendecomposition of the smaller Gram matrix A Aᵀ (A = W oriented so that m ≤ n): one product with
-    W and an (m, m) eigenproblem instead of the full SVD, 2–4× faster for SmolLM2's 576-wide weights on the
-    development CPU. Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ, so a matrix whose σ_r is below
-    ``GRAM_MIN_RATIO`` σ₁ gets the full SVD (torch.linalg.svd) instead.
+    From the top r eigenpairs of the smaller Gram matrix A Aᵀ (A = W oriented so that m ≤ n,
+    :func:`top_eigenpairs`): one product with W and a partial (m, m) eigenproblem instead of the full SVD.
+    Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ, so a matrix whose σ_r is below ``GRAM_MIN_RATIO`` σ₁
+    gets the full SVD (torch.linalg.svd) instead.
     """
     A = W.detach().float()
     transposed = A.shape[-2] > A.shape[-1]
     if transposed:
         A = A.mT
-    evals, evecs = torch.linalg.eigh(A @ A.mT)  # ascending, (B, m), (B, m, m)
-    sigma = evals.flip(-1)[..., :r].clamp_min(0).sqrt()  # (B, r)
-    U = evecs.flip(-1)[..., :r]  # (B, m, r)
+    evals, U = top_eigenpairs(A @ A.mT, r)  # (B, r) descending, (B, m, r)
+    sigma = evals.clamp_min(0).sqrt()  # (B, r)
     Vh = (U.mT @ A) / sigma.clamp_min(torch.finfo(sigma.dtype).tiny).unsqueeze(-1)  # (B, r, n)
     if transposed:
         U, Vh = Vh.mT, U.mT
@@ -305,7 +341,8 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
     if k >= m:
         return exact_svd(W, r)
     dtype = resolve_sketch_dtype(spec, A.device)
-    S = A.to(dtype)  # (B, m, n): the copy the Krylov products use
+    S = A.to(dtype, memory_format=torch.contiguous_format)  # (B, m, n): the Krylov products' copy, row-major
+    # (a transposed bfloat16 operand sends the products to a kernel 14–20× slower, measured at 4096 × 11008)
     generator = torch.Generator(device=A.device).manual_seed(spec.seed)
     omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
     basis = _orth((S @ omega.to(dtype)).float())  # (B, m, K), K grows by k per block
@@ -400,6 +437,12 @@ def _meets(acc: SVDAccuracy, spec: SVDSpec) -> bool:
 def batched_top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list[SVDFactors]:
     """Top-r SVD of each matrix of W (B, d_out, d_in), float32 on W's device, one factors object per matrix.
 
+    On the CPU a batch of at least ``torch.get_num_threads()`` matrices is split into that many parts decomposed
+    in parallel threads, each with single-threaded kernels (:func:`single_threaded_kernels`): the matrices here are small enough that
+    splitting the batch uses the cores better than splitting each product, and a busy machine does not stall the
+    many small multi-threaded kernels (SmolLM2-135M's init: 51 s instead of 67–164 s at a load average of 6 on
+    2 cores). Each matrix's result depends only on the matrix (not on the split).
+
     Args:
         W: The weights, stacked, any floating dtype.
         r: Number of triplets, 1 ≤ r ≤ min(d_out, d_in).
@@ -412,9 +455,36 @@ def batched_top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> l
     shape = (W.shape[1], W.shape[2])
     if not 1 <= r <= min(shape):
         raise ValueError(f"r must be in [1, {min(shape)}] for a weight of shape {shape}, got {r}")
-    if spec.method == "exact" or prefers_exact(shape, r, spec, W.device):
-        return exact_svd(W, r)
-    return randomized_svd(W, r, spec)
+    exact = spec.method == "exact" or prefers_exact(shape, r, spec, W.device)
+
+    def decompose(part: torch.Tensor) -> list[SVDFactors]:
+        return exact_svd(part, r) if exact else randomized_svd(part, r, spec)
+
+    workers = torch.get_num_threads()
+    if W.device.type != "cpu" or len(W) < workers:  # too few matrices for every thread: split each product
+        return decompose(W)
+    with single_threaded_kernels():
+        if workers == 1:
+            return decompose(W)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(decompose, torch.tensor_split(W, workers)))
+    return [f for part in parts for f in part]
+
+
+@contextmanager
+def single_threaded_kernels() -> Iterator[None]:
+    """torch's intra-op threads and the BLAS under scipy's LAPACK set to one thread, restored afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> SVDFactors:

@@ -8,7 +8,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,8 +33,20 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """
     h = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
     data = weight.detach().contiguous().cpu()
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if data.numel():
+        # the buffer itself, no copy; hashlib releases the GIL while it hashes
+        h.update(data.view(torch.uint8).flatten().numpy().data)
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
+def weight_fingerprints(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`weight_fingerprint` of each weight, hashed in ``torch.get_num_threads()`` threads (SHA-256 runs at
+    about 1.7 GB/s per core: a 7B model's 13 GB of bf16 weights would take 8 s on one)."""
+    workers = min(torch.get_num_threads(), len(weights))
+    if workers <= 1:
+        return [weight_fingerprint(w) for w in weights]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(weight_fingerprint, weights))
 
 
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

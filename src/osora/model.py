@@ -16,7 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import CHECKSUM_KEY, AdapterFileError, tensors_checksum, weight_fingerprint
+from .checkpoint import (
+    CHECKSUM_KEY,
+    AdapterFileError,
+    tensors_checksum,
+    weight_fingerprint,
+    weight_fingerprints,
+)
 from .config import OSoRAConfig, default_target_modules
 from .distributed import is_partitioned
 from .factors import compute_factors
@@ -157,7 +163,7 @@ class OSoRAModel(BaseTuner):
         with progress:
             for (r, _), members in groups.items():
                 keys, dense, stored = zip(*members)
-                fingerprints = [weight_fingerprint(w).to(w.device) for w in stored]
+                fingerprints = [fp.to(w.device) for fp, w in zip(weight_fingerprints(stored), stored)]
                 factors = compute_factors(dense, r, config.svd_spec, config.factor_cache_dir, fingerprints)
                 found.update(zip(keys, zip(factors, fingerprints)))
                 progress.update(len(members))

@@ -90,6 +90,7 @@ def command(out: Path, driver: Path) -> list[str]:
         sys.executable,
         str(driver),
         "train",
+        "--config",
         str(TINY),
         f"--training.output_dir={out}",
         f"--data.path={FIXTURE}",

@@ -66,16 +66,11 @@ def call(function: Callable[..., int], command: str, argv: list[str]) -> int:
     Raises:
         ConfigError: an argument that does not fit (printed by :func:`main`, exit 2).
     """
-    from jsonargparse import CLI, ArgumentError
-
-    from .config import ConfigError
-
-    try:
-        return CLI(function, args=argv, prog=f"osora {command}", exit_on_error=False, allow_abbrev=False)
-    except ArgumentError as error:
-        raise ConfigError(
-            f"{' '.join(str(error).split())}; osora {command} --help lists the arguments"
-        ) from error
+    parser = argument_parser(command, str(function.__doc__).split("\n\n")[0])
+    parser.add_function_arguments(function, as_group=False, as_positional=True)
+    arguments = parse_arguments(parser, argv).as_dict()
+    arguments.pop("config", None)
+    return function(**arguments)
 
 
 def argument_parser(command: str, description: str) -> Any:
@@ -112,6 +107,10 @@ def _message(error: BaseException) -> str:
 def _usage() -> str:
     lines = ["usage: osora <command> [args]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [
+        "",
+        "every command: osora COMMAND --help lists its arguments; --key VALUE options, --config FILE.yaml",
+    ]
     return "\n".join(lines)
 
 

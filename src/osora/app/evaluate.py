@@ -1,4 +1,4 @@
-"""``osora eval --config CONFIG.yaml [section.key=value ...]``: score a base model, an adapter dir or a merged model.
+"""``osora eval --config CONFIG.yaml [--section.key VALUE ...]``: score a base model, an adapter dir or a merged model.
 
 Prompts are built like the training prompts (``eval.prompt`` or ``data.prompt``), optionally preceded by
 ``eval.k_shot`` solved examples, generated greedily in left-padded batches, and scored by the task's pure scorer

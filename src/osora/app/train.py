@@ -1,4 +1,4 @@
-"""``osora train --config CONFIG.yaml [section.key=value ...]``: fine-tune a causal LM with OSoRA or a PEFT baseline.
+"""``osora train --config CONFIG.yaml [--section.key VALUE ...]``: fine-tune a causal LM with OSoRA or a PEFT baseline.
 
 Every method runs through the same data, schedule and transformers ``Trainer`` (mixed precision, gradient
 accumulation and checkpointing, checkpoints and resume, TensorBoard, progress bars); several GPUs come from
@@ -8,7 +8,7 @@ every weight. The adapter (or the full model) and the tokenizer are saved to ``t
 
 Example:
     osora train --config configs/tiny/gsm8k-osora.yaml --training.max_steps=2
-    accelerate launch -m osora.app.cli train configs/qwen2-7b-metamath-osora.yaml
+    accelerate launch -m osora.app.cli train --config configs/qwen2-7b-metamath-osora.yaml
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from osora.app.provenance import BenchmarkRecord, provenance, write_result
+from osora.app.scoring import commonsense_options as answer_options
+from osora.app.scoring import option_response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
@@ -168,22 +170,6 @@ def load_data(task: str, data_dir: Path, scale: Scale, data_seed: int) -> dict[s
 
 
 # -- scorers (pure given a log-probability function) ----------------------------------------------------------------
-
-
-def answer_options(record: dict[str, Any]) -> list[str]:
-    """The answer words a commonsense question offers: its "Answer format: a/b/c" line (LLM-Adapters' layout)."""
-    text = str(record["instruction"])
-    if "Answer format:" not in text:
-        raise ValueError(f"no 'Answer format:' line in {text[-120:]!r}")
-    return [w.strip() for w in text.rsplit("Answer format:", 1)[1].strip().split("/") if w.strip()]
-
-
-def option_response(record: dict[str, Any], option: str) -> str:
-    """The training response with ``option`` as the answer ("the correct answer is answer2")."""
-    output, answer = str(record["output"]), str(record["answer"])
-    if not output.endswith(answer):
-        raise ValueError(f"output {output!r} does not end with its answer {answer!r}")
-    return output[: len(output) - len(answer)] + option
 
 
 @dataclass

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": (
         "osora.app.evaluate",
-        "score a base model, an adapter or a merged model on GSM8K, MATH, commonsense",
+        "score a base model, an adapter or a merged model on GSM8K, MATH, commonsense (--harness: lm-eval)",
     ),
     "merge": (
         "osora.app.exports",
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"osora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    harness = command == "eval" and any(a == "--harness" or a.startswith("--harness=") for a in rest)
+    module = importlib.import_module("osora.app.harness" if harness else COMMANDS[command][0])
     args = [command, *rest] if command in {"merge", "export"} else rest
     try:
         return int(module.main(args) or 0)

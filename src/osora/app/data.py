@@ -176,16 +176,24 @@ def response_of(record: Mapping[str, Any], fmt: str) -> str:
     return str(record[FIELDS[fmt][1]])
 
 
+def _input_of(record: Mapping[str, Any], fmt: str) -> str:
+    return str(record.get("input") or "").strip() if fmt in {"commonsense", "alpaca"} else ""
+
+
+def user_message(record: Mapping[str, Any], fmt: str) -> str:
+    """The question of ``record`` with its ``input`` on the next line: the user turn of the chat prompt."""
+    question, extra = question_of(record, fmt), _input_of(record, fmt)
+    return f"{question}\n{extra}" if extra else question
+
+
 def make_prompt(record: Mapping[str, Any], fmt: str, style: PromptStyle, tokenizer: Any = None) -> str:
     """The prompt of ``record`` in ``style`` (the response follows it directly)."""
-    question = question_of(record, fmt)
-    extra = str(record.get("input") or "").strip() if fmt in {"commonsense", "alpaca"} else ""
     if style == "alpaca":
+        question, extra = question_of(record, fmt), _input_of(record, fmt)
         if extra:
             return ALPACA_INPUT_TEMPLATE.format(question=question, input=extra)
         return ALPACA_TEMPLATE.format(question=question)
-    if extra:
-        question = f"{question}\n{extra}"
+    question = user_message(record, fmt)
     if style == "chat":
         messages = [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -211,6 +211,22 @@ def commonsense_extractor(task: str) -> Callable[[str], str | None]:
     return extract
 
 
+def commonsense_options(record: Mapping[str, Any]) -> list[str]:
+    """The answer words a commonsense question offers: its "Answer format: a/b/c" line (LLM-Adapters' layout)."""
+    text = str(record["instruction"])
+    if "Answer format:" not in text:
+        raise ValueError(f"no 'Answer format:' line in {text[-120:]!r}")
+    return [w.strip() for w in text.rsplit("Answer format:", 1)[1].strip().split("/") if w.strip()]
+
+
+def option_response(record: Mapping[str, Any], option: str) -> str:
+    """The training response with ``option`` as the answer ("the correct answer is answer2")."""
+    output, answer = str(record["output"]), str(record["answer"])
+    if not output.endswith(answer):
+        raise ValueError(f"output {output!r} does not end with its answer {answer!r}")
+    return output[: len(output) - len(answer)] + option
+
+
 def _exact(prediction: str | None, reference: str | None) -> bool:
     return (
         prediction is not None and reference is not None and prediction.strip() == reference.strip().lower()

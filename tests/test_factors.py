@@ -100,3 +100,12 @@ def test_injection_matches_per_layer_factors() -> None:
     )
     layer = model.base_model.model.model.layers[1].mlp.up_proj
     assert torch.equal(layer.osora_U["default"], layer.osora_U["one"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_by_name(bad: float) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = bad
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj .* 1 NaN or infinite entries"):
+        get_peft_model(model, osora.OSoRAConfig(r=4, target_modules=["q_proj"]))

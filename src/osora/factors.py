@@ -34,6 +34,7 @@ def compute_factors(
     spec: SVDSpec,
     cache_dir: str | os.PathLike[str] | None = None,
     fingerprints: Sequence[torch.Tensor] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[SVDFactors]:
     """Top-r float32 factors of each (d_out, d_in) weight, on the weight's device, in the order given.
 
@@ -46,7 +47,20 @@ def compute_factors(
         cache_dir: Factor cache directory (:mod:`osora.factor_cache`); None: no cache.
         fingerprints: :func:`osora.checkpoint.weight_fingerprint` of each weight as stored, for the cache keys;
             computed from ``weights`` when None.
+        names: The weights' module names, for the error about a non-finite weight.
+
+    Raises:
+        ValueError: A weight has NaN or infinite entries (its SVD is undefined); the message names it.
     """
+    for i, w in enumerate(weights):
+        bad = int((~torch.isfinite(w.detach())).sum())
+        if bad:
+            name = f"the weight of {names[i]}" if names is not None else "a targeted weight"
+            raise ValueError(
+                f"OSoRA cannot decompose {name} {tuple(w.shape)}: it has {bad} NaN or infinite entries, and the "
+                "SVD of a non-finite matrix is undefined. Check the base checkpoint (a failed load or an "
+                "overflowed merge)."
+            )
     cache = None if cache_dir is None else FactorCache(cache_dir)
     rank, world = rank_and_world()
     groups: dict[tuple[tuple[int, int], torch.device], list[int]] = defaultdict(list)

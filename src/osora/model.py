@@ -164,7 +164,9 @@ class OSoRAModel(BaseTuner):
             for (r, _), members in groups.items():
                 keys, dense, stored = zip(*members)
                 fingerprints = [fp.to(w.device) for fp, w in zip(weight_fingerprints(stored), stored)]
-                factors = compute_factors(dense, r, config.svd_spec, config.factor_cache_dir, fingerprints)
+                factors = compute_factors(
+                    dense, r, config.svd_spec, config.factor_cache_dir, fingerprints, names=keys
+                )
                 found.update(zip(keys, zip(factors, fingerprints)))
                 progress.update(len(members))
         return found

@@ -234,50 +234,46 @@ def bench_model(
 # -- cost-model calibration -------------------------------------------------------------------------------------
 
 
-def calibrate() -> None:
-    """Print, on this machine and one thread, the ratios behind osora.svd's cost model: EIGH_COST_RATIO (top-r
-    eigenpairs of the Gram matrix over an (m, m) product), BFLOAT16_PASS_COST, and the measured time of each method
-    against its predicted cost (RANDOMIZED_OVERHEAD is the randomized method's), on power-law matrices."""
-    from osora.svd import single_threaded_kernels
-
-    def best(fn: Callable[[], object], n: int = 3) -> float:
+def _best(fn: Callable[[], object], n: int) -> float:
+    """Fastest of ``n`` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
         fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    with single_threaded_kernels():
-        _calibrate(best)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
-def _calibrate(best: Callable[[Callable[[], object], int], float]) -> None:
-    from osora.svd import exact_svd, randomized_svd, top_eigenpairs
+def calibrate() -> None:
+    """Print, on this machine and one thread (as each part of a split batch runs), the ratios behind osora.svd's
+    cost model, EIGH_COST_RATIO (top-r eigenpairs of the Gram matrix over an (m, m) product) and
+    BFLOAT16_PASS_COST, and the times of both methods next to prefers_exact's choice, on power-law matrices."""
+    from osora.svd import exact_svd, randomized_svd, single_threaded_kernels, top_eigenpairs
 
     spec = osora.SVDSpec()
-    for m, n in [(192, 576), (576, 576), (576, 1536), (1024, 1024), (2048, 2048)]:
-        g = torch.Generator().manual_seed(0)
-        U, V = (
-            torch.linalg.qr(torch.randn(m, m, generator=g)).Q,
-            torch.linalg.qr(torch.randn(n, m, generator=g)).Q,
-        )
-        W = ((U * torch.arange(1, m + 1) ** -0.35) @ V.T).unsqueeze(0)
-        Xk = torch.randn(n, 48)
-        G, Wb, Xb = W[0] @ W[0].T, W[0].bfloat16(), Xk.bfloat16()
-        product = best(lambda G=G: G @ G, 3)
-        eigh = best(lambda G=G: top_eigenpairs(G.unsqueeze(0), 32), 3)
-        fp32 = best(lambda W=W, Xk=Xk: W[0] @ Xk, 3)
-        bf16 = best(lambda Wb=Wb, Xb=Xb: Wb @ Xb, 3)
-        rand = best(lambda W=W: randomized_svd(W, 32, spec), 2)
-        exact = best(lambda W=W: exact_svd(W, 32), 2)
-        print(
-            f"{m}×{n}, r=32: top-32 eigenpairs / (m, m) product {eigh / product:.1f}; bf16 / fp32 product with 48 "
-            f"columns {bf16 / fp32:.2f}; randomized {rand * 1e3:.0f} ms, exact {exact * 1e3:.0f} ms "
-            f"(prefers_exact: {osora.svd.prefers_exact((m, n), 32, spec)})",
-            flush=True,
-        )
+    with single_threaded_kernels():
+        for m, n in [(192, 576), (576, 576), (576, 1536), (1024, 1024), (2048, 2048)]:
+            g = torch.Generator().manual_seed(0)
+            U, V = (
+                torch.linalg.qr(torch.randn(m, m, generator=g)).Q,
+                torch.linalg.qr(torch.randn(n, m, generator=g)).Q,
+            )
+            W = ((U * torch.arange(1, m + 1) ** -0.35) @ V.T).unsqueeze(0)
+            Xk = torch.randn(n, 48)
+            G, Wb, Xb = W[0] @ W[0].T, W[0].bfloat16(), Xk.bfloat16()
+            product = _best(lambda G=G: G @ G, 3)
+            eigh = _best(lambda G=G: top_eigenpairs(G.unsqueeze(0), 32), 3)
+            fp32 = _best(lambda W=W, Xk=Xk: W[0] @ Xk, 3)
+            bf16 = _best(lambda Wb=Wb, Xb=Xb: Wb @ Xb, 3)
+            rand = _best(lambda W=W: randomized_svd(W, 32, spec), 2)
+            exact = _best(lambda W=W: exact_svd(W, 32), 2)
+            print(
+                f"{m}×{n}, r=32: top-32 eigenpairs / (m, m) product {eigh / product:.1f}; bf16 / fp32 product with 48 "
+                f"columns {bf16 / fp32:.2f}; randomized {rand * 1e3:.0f} ms, exact {exact * 1e3:.0f} ms "
+                f"(prefers_exact: {osora.svd.prefers_exact((m, n), 32, spec)})",
+                flush=True,
+            )
 
 
 # -- report -----------------------------------------------------------------------------------------------------

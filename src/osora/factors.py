@@ -53,8 +53,8 @@ def compute_factors(
         ValueError: A weight has NaN or infinite entries (its SVD is undefined); the message names it.
     """
     for i, w in enumerate(weights):
-        bad = int((~torch.isfinite(w.detach())).sum())
-        if bad:
+        if not bool(torch.isfinite(w.detach()).all()):
+            bad = int((~torch.isfinite(w.detach())).sum())
             name = f"the weight of {names[i]}" if names is not None else "a targeted weight"
             raise ValueError(
                 f"OSoRA cannot decompose {name} {tuple(w.shape)}: it has {bad} NaN or infinite entries, and the "

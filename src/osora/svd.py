@@ -58,8 +58,9 @@ InitMethod = Literal["randomized", "exact"]
 SketchDtype = Literal["auto", "bfloat16", "float32"]
 
 #: Time of the top-r eigenpairs of an (m, m) Gram matrix (:func:`top_eigenpairs`: LAPACK ssyevr, one thread)
-#: divided by that of an (m, m) × (m, m) float32 product: about 4 on the development machine's AMD EPYC for
-#: m = 576 … 4096 (``python benchmarks/init_cost.py --calibrate`` prints it per shape).
+#: divided by that of an (m, m) × (m, m) float32 product: 1.7–2.9 for m = 576 … 2048 on the idle development
+#: machine (AMD EPYC), more on a busy one; 4, with ``RANDOMIZED_OVERHEAD``, reproduces the crossover measured on
+#: SmolLM2's real weights (``python benchmarks/init_cost.py --calibrate`` prints the ratio per shape).
 EIGH_COST_RATIO = 4.0
 
 #: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured

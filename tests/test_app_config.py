@@ -197,21 +197,15 @@ def test_the_training_section_is_training_arguments() -> None:
         training_arguments(load_config(TINY_CONFIG, ["--training.fp16=true", "--training.bf16=true"]))
 
 
-def test_the_earlier_form_goes_through_the_same_parser(capsys: pytest.CaptureFixture[str]) -> None:
-    from osora.app.config import config_from_argv
+def test_the_one_grammar_refuses_positional_config_and_undashed_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from osora.app.cli import main
 
-    cfg = config_from_argv(
-        "eval", [str(TINY_CONFIG), "eval.model=smollm2-135m-instruct", "--eval.max_samples", "3"]
-    )
-    assert not isinstance(cfg, int)
-    assert (cfg.eval.model, cfg.eval.max_samples, cfg.training.learning_rate) == (
-        "smollm2-135m-instruct",
-        3,
-        0.01,
-    )
-    assert "write --config CONFIG.yaml and --section.key=value" in capsys.readouterr().err
+    assert main(["eval", str(TINY_CONFIG), "eval.model=smollm2-135m-instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "write --config CONFIG.yaml and --section.key VALUE" in err
+    assert len(err.strip().splitlines()) == 2  # the problem and the fix, then the --debug hint
     with pytest.raises(ConfigError, match=r"config key 'eval\.max_samples'"):
-        config_from_argv("eval", [str(TINY_CONFIG), "eval.max_samples=many"])
+        load_config(TINY_CONFIG, ["--eval.max_samples=many"])
 
 
 def test_print_config_shows_the_merged_settings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -401,6 +400,8 @@ def _explain(message: str, argv: list[str], family: str | None) -> str:
     elif typed:
         section, key = typed.group(1), typed.group(2)
         text = f"config key '{section}.{key}': {' '.join(typed.group(3).split())}"
+    elif message.startswith("unrecognized arguments"):  # e.g. CONFIG.yaml or section.key=value without dashes
+        return f"{' '.join(message.split())}; write --config CONFIG.yaml and --section.key VALUE options"
     else:
         return " ".join(message.split())
     from_file = configs and not any(a.startswith(f"--{section}.{key}") for a in argv)
@@ -420,25 +421,6 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return tree
 
 
-def _current_grammar(argv: list[str]) -> list[str]:
-    """The arguments in the parser's grammar: the earlier ``CONFIG.yaml section.key=value ...`` form still works
-    (``--config CONFIG.yaml --section.key=value``), with a note, while commands written in it are updated."""
-    out = []
-    for i, arg in enumerate(argv):
-        if i == 0 and not arg.startswith("-") and "=" not in arg:
-            out += ["--config", arg]
-        elif not arg.startswith("-") and arg.split("=", 1)[0].split(".")[0] in SECTIONS and "=" in arg:
-            out.append(f"--{arg}")
-        else:
-            out.append(arg)
-    if out != argv:
-        print(
-            "osora: note: write --config CONFIG.yaml and --section.key=value (the older form is read as that)",
-            file=sys.stderr,
-        )
-    return out
-
-
 def config_from_argv(command: str, argv: list[str]) -> RunConfig | int:
     """The RunConfig of ``osora COMMAND [--config CONFIG.yaml] [--section.key value ...]``, or the exit code.
 
@@ -449,6 +431,6 @@ def config_from_argv(command: str, argv: list[str]) -> RunConfig | int:
         parser(command).print_help()
         return 2
     try:
-        return parse(command, _current_grammar(argv))
+        return parse(command, argv)
     except SystemExit as done:  # --help, --print_config
         return int(done.code or 0)

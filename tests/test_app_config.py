@@ -197,7 +197,9 @@ def test_the_training_section_is_training_arguments() -> None:
         training_arguments(load_config(TINY_CONFIG, ["--training.fp16=true", "--training.bf16=true"]))
 
 
-def test_the_one_grammar_refuses_positional_config_and_undashed_keys(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_one_grammar_refuses_positional_config_and_undashed_keys(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from osora.app.cli import main
 
     assert main(["eval", str(TINY_CONFIG), "eval.model=smollm2-135m-instruct"]) == 2

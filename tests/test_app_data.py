@@ -15,7 +15,6 @@ from osora.app.data import (
     load_records,
     make_prompt,
     texts_of,
-    tokenize_records,
     word_level_tokenizer,
 )
 
@@ -62,7 +61,7 @@ def test_prompts() -> None:
 
 
 def test_labels_cover_the_response_only(tokenizer) -> None:
-    examples, report = tokenize_records([RECORDS["gsm8k"]], tokenizer, "gsm8k", "paper", 256)
+    examples, report = build_train_dataset([RECORDS["gsm8k"]], tokenizer, DataConfig(format="gsm8k"))
     (example,) = examples
     prompt_len = len(tokenizer(make_prompt(RECORDS["gsm8k"], "gsm8k", "paper"))["input_ids"])
     assert example["labels"][:prompt_len] == [-100] * prompt_len
@@ -80,7 +79,7 @@ def test_bad_records_are_counted_and_logged(tokenizer, caplog: pytest.LogCapture
         {"question": "long " * 300, "answer": "#### 1"},
         {"question": None, "answer": "#### 2"},
     ]
-    examples, report = tokenize_records(records, tokenizer, "gsm8k", "paper", 64)
+    examples, report = build_train_dataset(records, tokenizer, DataConfig(format="gsm8k", max_length=64))
     assert len(examples) == 1
     assert report.total == 5 and report.kept == 1
     assert report.skipped == {
@@ -118,7 +117,9 @@ def test_chat_template_prompt(tokenizer) -> None:
     try:
         prompt = make_prompt(RECORDS["gsm8k"], "gsm8k", "chat", tokenizer)
         assert prompt == "<s> user : What is 2 + 3? </s> <s> assistant : "
-        (example,), _ = tokenize_records([RECORDS["gsm8k"]], tokenizer, "gsm8k", "chat", 256)
+        (example,), _ = build_train_dataset(
+            [RECORDS["gsm8k"]], tokenizer, DataConfig(format="gsm8k", prompt="chat")
+        )
         n_prompt = example["labels"].count(-100)
         assert example["input_ids"][:n_prompt] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     finally:

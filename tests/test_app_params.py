@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from osora.app import params
 from osora.app.methods import peft_config
+from osora.config import default_target_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN2_7B = ROOT / "configs" / "models" / "qwen2-7b.json"
@@ -91,7 +92,7 @@ def test_counter_equals_peft_count(kind: str, method: str, fields: dict) -> None
     import osora  # noqa: F401  (registers OSoRA with peft)
 
     model = _tiny(kind)
-    targets = fields.pop("target_modules", params.default_targets(model.config.model_type))
+    targets = fields.pop("target_modules", default_target_modules(model.config.model_type))
     r = 8
     if (
         method == "vera"

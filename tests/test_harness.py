@@ -65,9 +65,8 @@ def tiny():
 def _harness(model, tokenizer, data_dir: Path, tmp_path: Path, tasks: str = "boolq", prompt="paper") -> dict:
     return evaluate_harness(
         "tiny",
-        tasks,
-        model=model,
-        tokenizer=tokenizer,
+        harness=tasks,
+        loaded=(model, tokenizer),
         data_dir=str(data_dir),
         prompt=prompt,
         limit=4,

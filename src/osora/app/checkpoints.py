@@ -367,7 +367,9 @@ class StopOnSignal(TrainerCallback):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden temporary sibling and ``os.replace``."""
+    """Write ``text`` to ``path`` (its folder created if missing) through a hidden temporary sibling and
+    ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

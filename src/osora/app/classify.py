@@ -328,17 +328,16 @@ def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | Non
 def save_trained(model: nn.Module, directory: str | os.PathLike[str]) -> int:
     """Save what a method trains (the PEFT adapter, or the trainable tensors for head/full); return its bytes."""
     import peft
-    from safetensors.torch import save_file
 
     import osora
+    from osora.checkpoint import atomic_save_file
 
     directory = Path(directory)
     if isinstance(model, peft.PeftModel):
         osora.save_adapter(model, directory)
     else:
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(tensors, str(directory / "model.safetensors"))
+        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        atomic_save_file(tensors, directory / "model.safetensors")
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 

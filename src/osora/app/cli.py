@@ -60,14 +60,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ModelNotFoundError, ModelLoadError, AdapterFileError, FileNotFoundError)
 
 
-def call(function: Callable[..., int], command: str, argv: list[str]) -> int:
-    """``function`` called with ARGV parsed against its signature (its docstring's ``Args:`` is the help).
+def call(function: Callable[..., Any], command: str, argv: list[str], skip: set[str] | None = None) -> Any:
+    """``function`` called with ARGV parsed against its signature (its docstring's ``Args:`` is the help), less
+    the parameters in ``skip`` (left at their defaults).
 
     Raises:
         ConfigError: an argument that does not fit (printed by :func:`main`, exit 2).
     """
     parser = argument_parser(command, str(function.__doc__).split("\n\n")[0])
-    parser.add_function_arguments(function, as_group=False, as_positional=True)
+    parser.add_function_arguments(function, as_group=False, as_positional=True, skip=skip)
     arguments = parse_arguments(parser, argv).as_dict()
     arguments.pop("config", None)
     return function(**arguments)

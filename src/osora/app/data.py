@@ -243,28 +243,6 @@ def encode(
     }
 
 
-def tokenize_records(
-    records: Iterable[Mapping[str, Any]],
-    tokenizer: Any,
-    fmt: DataFormat,
-    style: PromptStyle,
-    max_length: int,
-) -> tuple[list[dict[str, list[int]]], DataReport]:
-    """Token ids with labels -100 on the prompt, plus the report of the records that could not be used."""
-    report = DataReport()
-    examples = []
-    for record in records:
-        example = encode(record, tokenizer, fmt, style, max_length)
-        report.total += 1
-        skip = example.pop("skip")
-        if skip:
-            report.skipped[skip] += 1
-            continue
-        report.kept += 1
-        examples.append(example)
-    return examples, report
-
-
 def build_train_dataset(records: Any, tokenizer: Any, data_cfg: Any):  # -> (datasets.Dataset, DataReport)
     """Tokenize ``records`` (a list or a ``datasets.Dataset``) with ``datasets.map`` (``data.num_proc``
     workers); returns the dataset of input_ids / attention_mask / labels / length and its :class:`DataReport`."""

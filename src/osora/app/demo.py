@@ -5,7 +5,8 @@ The task is generated here (no data folder): write a date given in words ("14 Ma
 use years that never occur in training, so only the rule, not the examples, solves them. Prompts go through the
 model's chat template and the loss covers the answer only (:func:`osora.app.data.encode`), as in ``osora train``.
 
-OSoRA and LoRA (PEFT's own) train for the same number of steps on the same batches, then:
+OSoRA and LoRA (PEFT's own) train for the same number of steps on the same batches, each as an ``osora train`` run
+(:func:`osora.app.train.run`, the one training path) over the generated records, then:
 
 - held-out exact-match accuracy of the base model and of each fine-tuned one (generated on merged weights, each
   sequence stopped at its end-of-turn token), trainable parameters, adapter size and training time are printed,
@@ -33,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from .cli import argument_parser, parse_arguments
-from .config import MethodConfig
-from .data import encode, make_prompt
+from .data import make_prompt
+from .encoder_demo import plot_losses, size_text
 from .evaluate import generate, merged_for_inference
 from .models import DEFAULT_MODEL, load_causal_lm
 
@@ -107,50 +106,40 @@ def exact_match(predictions: list[str], records: list[dict[str, str]]) -> float:
     return sum(p == r["output"] for p, r in zip(predictions, records)) / max(len(records), 1)
 
 
-def train(model: Any, tokenizer: Any, records: list[dict[str, str]], args: Any, lr: float):
-    """Train ``model`` for ``args.steps`` steps with transformers' Trainer; returns (per-step losses, seconds)."""
-    from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+def run_config(args: Any, method: str, rank: int, lr: float) -> Any:
+    """The ``osora train`` config of one method's run: the same data, schedule and Trainer as every run."""
+    from .config import load_config
 
-    examples = [encode(r, tokenizer, "alpaca", "chat", args.max_length) for r in records]
-    dataset = Dataset.from_list(
-        [{k: v for k, v in e.items() if k != "skip"} for e in examples if not e["skip"]]
+    return load_config(
+        None,
+        [
+            f"--model.name_or_path={args.model}",
+            "--model.dtype=float32",
+            "--data.format=alpaca",
+            "--data.prompt=chat",
+            f"--data.max_length={args.max_length}",
+            f"--method.name={method}",
+            f"--method.r={rank}",
+            f"--training.output_dir={Path(args.out) / 'adapters' / method}",
+            "--training.overwrite_output_dir=true",
+            f"--training.max_steps={args.steps}",
+            f"--training.per_device_train_batch_size={args.batch_size}",
+            f"--training.learning_rate={lr}",
+            "--training.lr_scheduler_type=linear",
+            "--training.warmup_steps=0.1",
+            "--training.train_sampling_strategy=random",
+            "--training.logging_steps=1",
+            "--training.save_strategy=no",
+            "--training.report_to=[]",
+            f"--training.seed={args.seed}",
+            "--training.use_cpu=true",
+            "--training.disable_tqdm=false",
+        ],
     )
-    targs = TrainingArguments(
-        output_dir=str(Path(args.out) / "trainer"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        use_cpu=True,
-        disable_tqdm=False,
-    )
-    tokenizer.padding_side = "right"
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        processing_class=tokenizer,
-    )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return losses, seconds
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def _fmt_size(n: int) -> str:
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -160,7 +149,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         params = f"{r['trainable_params']:,}" if r["trainable_params"] else "-"
-        size = _fmt_size(r["adapter_bytes"]) if r["adapter_bytes"] else "-"
+        size = size_text(r["adapter_bytes"]) if r["adapter_bytes"] else "-"
         seconds = f"{r['train_seconds']:.0f}s" if r["train_seconds"] else "-"
         lines.append(f"{r['model']:<16} {100 * r['accuracy']:>20.1f}% {params:>17} {size:>10} {seconds:>11}")
     return "\n".join(lines)
@@ -196,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return encoder_demo.main([a for a in argv if a != "--encoder"])
     args = parse_args(argv)
-    import osora
     from osora import export
 
+    from .checkpoints import atomic_write_text
     from .params import count_parameters
-    from .train import apply_method
+    from .train import received_signal, run
 
     # harmless here: a transformers deprecation raised inside peft, and peft looking for the base's config under
     # its short name (the vocabulary is not modified)
@@ -216,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     base, tokenizer = load_causal_lm(args.model, dtype="float32")
     base_answers = answers(base.eval(), tokenizer, task.test)
+    del base
     rows: list[dict[str, Any]] = [
         {"model": "base", "accuracy": exact_match(base_answers, task.test), "trainable_params": 0,
          "adapter_bytes": 0, "train_seconds": 0.0}
@@ -227,16 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         rank, default_lr = DEMO_METHODS[method]
         lr = lrs.get(method, default_lr)
-        if method != args.methods[0]:
-            base, _ = load_causal_lm(args.model, dtype="float32", with_tokenizer=False)
-        torch.manual_seed(args.seed)
-        model = apply_method(base, MethodConfig(name=method, fields={"r": rank}))  # as osora train builds it
+        print(f"[{method}] r={rank}, lr={lr:g}")
+        trainer = run(run_config(args, method, rank, lr), records=task.train)  # saves adapter and tokenizer
+        if received_signal(trainer) is not None:
+            raise KeyboardInterrupt
+        model, history = trainer.model.eval(), trainer.state.log_history
         trainable, total = count_parameters(model)
-        print(f"[{method}] r={rank}, lr={lr:g}: trainable params {trainable:,} / {total:,}")
-        losses, seconds = train(model, tokenizer, task.train, args, lr)
+        losses, seconds = [h["loss"] for h in history if "loss" in h], history[-1]["train_runtime"]
         adapter_dir = out / "adapters" / method
-        osora.save_adapter(model.eval(), adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
         if method == "osora":
             export.save_as_lora(model, out / "adapters" / "osora-as-lora")
         predictions = answers(merged_for_inference(model), tokenizer, task.test)
@@ -258,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         answers_i = " | ".join(after[m][i] for m in args.methods)
         print(f"  {date:<20} {record['output']} | {base_answers[i]!r} | {answers_i}")
 
-    from .encoder_demo import plot_losses
-
     plot_losses(curves, out / "loss_curves.png")
     wall = time.perf_counter() - start
     report = {
@@ -278,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ],  # fmt: skip
         "wall_seconds": wall,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     print(f"\nloss curves: {out / 'loss_curves.png'}; results: {out / 'results.json'}; total {wall:.0f}s")
     if "osora" in args.methods:
         print(

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from . import classify as C
+from .checkpoints import atomic_write_text
 from .cli import argument_parser, parse_arguments
 from .config import ConfigError
 from .params import count_parameters
@@ -159,12 +160,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['method']:<8} {100 * r['accuracy']:>8.1f}% {r['trainable_params']:>17,} "
-            f"{_size(r['adapter_bytes']):>13} {r['train_seconds']:>10.1f}s"
+            f"{size_text(r['adapter_bytes']):>13} {r['train_seconds']:>10.1f}s"
         )
     return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A file size in KB or MB."""
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "wall_seconds": wall,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     print(f"loss curves: {out / 'loss_curves.png'}; results: {out / 'results.json'}; total {wall:.0f}s")
     if not ok:
         print(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import check_not_partial_adapter
+from .checkpoints import atomic_write_text, check_not_partial_adapter
 from .config import ConfigError, RunConfig, config_from_argv, to_dict
 from .data import detect_format, few_shot_prefix, load_records, make_prompt
 from .models import load_causal_lm, load_tokenizer
@@ -52,8 +52,6 @@ def load_model(
     else:
         check_not_partial_adapter(Path(path))
         model, tokenizer = load_causal_lm(path, dtype, trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     if torch.cuda.is_available():
         model = model.to("cuda")
@@ -164,6 +162,13 @@ STOP_STRINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def report_path(output: str | None, model: str, name: str) -> Path:
+    """Where a report goes: ``output``, else ``name`` inside the model's folder, else in the working directory."""
+    if output:
+        return Path(output)
+    return Path(model) / name if Path(model).is_dir() else Path(name)
+
+
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Score ``cfg.eval.model`` on ``cfg.eval.task``; returns (and writes) the report."""
     e = cfg.eval
@@ -237,17 +242,8 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
         "examples": examples,
     }
-    output = (
-        Path(e.output)
-        if e.output
-        else (
-            Path(model_path) / f"eval-{e.task}.json"
-            if Path(model_path).is_dir()
-            else Path(f"eval-{e.task}.json")
-        )
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    output = report_path(e.output, model_path, f"eval-{e.task}.json")
+    atomic_write_text(output, json.dumps(report, indent=2, ensure_ascii=False))
     others = "".join(
         f"; by {name}: {report['accuracy_by'][name]:.4f} ({by[name]}/{len(examples)})"
         for name in task.comparisons

@@ -54,17 +54,11 @@ def export(
 
 
 def _write(what: str, adapter_dir: str, out_dir: str, base: str | None, dtype: str) -> int:
-    from peft import PeftModel
-
     from osora import export as exports
 
     command = "merge" if what == "merge" else "export"
     require_osora_adapter(Path(adapter_dir), command)
-    model, tokenizer = load_model(adapter_dir, base, dtype)
-    if not isinstance(model, PeftModel):
-        raise SystemExit(
-            f"osora {command}: {adapter_dir} is not an adapter directory (no adapter_config.json)"
-        )
+    model, tokenizer = load_model(adapter_dir, base, dtype)  # an adapter: require_osora_adapter checked it
     out = Path(out_dir)
     write = {"merge": exports.save_merged, "lora": exports.save_as_lora, "residual": exports.save_residual}[
         what

@@ -186,46 +186,59 @@ def prompt_style(model_path: str, tokenizer: Any, requested: str) -> PromptStyle
 
 
 def evaluate_harness(
-    model_path: str,
-    tasks: str,
+    model: str,
     *,
+    harness: str,
     base: str | None = None,
     data_dir: str = DEFAULT_DATA_DIR,
-    prompt: str = "auto",
+    prompt: Literal["auto", "chat", "paper", "alpaca"] = "auto",
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 8,
     max_gen_toks: int = 256,
-    dtype: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     output: str | None = None,
-    model: Any = None,
-    tokenizer: Any = None,
+    loaded: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """lm-eval's results (``simple_evaluate``) for ``model_path`` on ``tasks``, written to ``output`` as JSON.
+    """Score a base model, an adapter or a merged model with lm-evaluation-harness on the local data.
 
-    Pass ``model`` and ``tokenizer`` to score objects already in memory (``model_path`` then only names them).
-    The tasks and their data load first, so a wrong name or a missing file fails before the model loads.
+    Returns lm-eval's results (``simple_evaluate``), also written to ``output`` as JSON. The tasks and their data
+    load first, so a wrong name or a missing file fails before the model loads.
+
+    Args:
+        model: Adapter folder, merged/base model folder, .gguf file, short name or hub id.
+        harness: Comma-separated task names: boolq, arc_e, arc_c, obqa, commonsense (the four), gsm8k.
+        base: Base model of an adapter (default: from adapter_config.json).
+        data_dir: The folder holding commonsense/ and gsm8k/.
+        prompt: Prompt style; auto: the run's data.prompt, else chat where the tokenizer has a template, else paper.
+        limit: Score the first N records of each test set.
+        num_fewshot: Solved examples from the train split before each question.
+        batch_size: Requests scored together.
+        max_gen_toks: Generation length limit (GSM8K).
+        dtype: Dtype the weights are loaded in.
+        output: The report JSON (default: MODEL/harness-results.json).
+        loaded: (model, tokenizer) already in memory to score instead (``model`` then only names them; Python only).
     """
     _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from .evaluate import STOP_STRINGS, load_model
+    from .evaluate import STOP_STRINGS, load_model, report_path
 
     if prompt not in ("auto", *PROMPT_STYLES):
         raise ConfigError(f"--prompt {prompt}: choose from auto, {', '.join(PROMPT_STYLES)}")
     _quiet_lm_eval()
     started = time.time()
     style: PromptStyle = "chat" if prompt == "auto" else prompt  # type: ignore[assignment]
-    manager, objects, names = load_tasks(tasks, data_dir, style)  # reads the data: a missing file fails here
-    if model is None:
-        model, tokenizer = load_model(model_path, base, dtype)
-    if prompt == "auto" and (style := prompt_style(model_path, tokenizer, prompt)) != "chat":
-        manager, objects, names = load_tasks(tasks, data_dir, style)
+    # the tasks read their data here: a missing file fails before the model loads
+    manager, objects, names = load_tasks(harness, data_dir, style)
+    lm_model, tokenizer = loaded or load_model(model, base, dtype)
+    if prompt == "auto" and (style := prompt_style(model, tokenizer, prompt)) != "chat":
+        manager, objects, names = load_tasks(harness, data_dir, style)
     generates = any(t.get_config("output_type") == "generate_until" for t in _leaves(objects))
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size)
     results = simple_evaluate(
         model=lm,
         tasks=objects,
@@ -244,7 +257,7 @@ def evaluate_harness(
     assert results is not None  # one process: rank 0
     samples = results.pop("samples", {})
     report = {
-        "model": model_path,
+        "model": model,
         "base": base,
         "tasks": names,
         "prompt": style,
@@ -268,11 +281,7 @@ def evaluate_harness(
             for task, rows in samples.items()
         },
     }
-    path = (
-        Path(output)
-        if output
-        else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / "harness-results.json"
-    )
+    path = report_path(output, model, "harness-results.json")
     atomic_write_text(path, json.dumps(report, indent=2, default=handle_non_serializable, ensure_ascii=False))
     print(make_table(results))
     if results.get("groups"):
@@ -284,50 +293,6 @@ def evaluate_harness(
 def main(argv: list[str]) -> int:
     from .cli import call
 
-    return call(harness_eval, "eval", argv)
-
-
-def harness_eval(
-    model: str,
-    *,
-    harness: str,
-    base: str | None = None,
-    data_dir: str = DEFAULT_DATA_DIR,
-    prompt: Literal["auto", "chat", "paper", "alpaca"] = "auto",
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-    max_gen_toks: int = 256,
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    output: str | None = None,
-) -> int:
-    """Score a base model, an adapter or a merged model with lm-evaluation-harness on the local data.
-
-    Args:
-        model: Adapter folder, merged/base model folder, .gguf file, short name or hub id.
-        harness: Comma-separated task names: boolq, arc_e, arc_c, obqa, commonsense (the four), gsm8k.
-        base: Base model of an adapter (default: from adapter_config.json).
-        data_dir: The folder holding commonsense/ and gsm8k/.
-        prompt: Prompt style; auto: the run's data.prompt, else chat where the tokenizer has a template, else paper.
-        limit: Score the first N records of each test set.
-        num_fewshot: Solved examples from the train split before each question.
-        batch_size: Requests scored together.
-        max_gen_toks: Generation length limit (GSM8K).
-        dtype: Dtype the weights are loaded in.
-        output: The report JSON (default: MODEL/harness-results.json).
-    """
-    evaluate_harness(
-        model,
-        harness,
-        base=base,
-        data_dir=data_dir,
-        prompt=prompt,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        max_gen_toks=max_gen_toks,
-        dtype=dtype,
-        output=output,
-    )
+    call(evaluate_harness, "eval", argv, skip={"loaded"})
     sys.stdout.flush()
     return 0

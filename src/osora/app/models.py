@@ -206,6 +206,15 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
         raise
 
 
+def config_from_dict(values: dict[str, Any], **defaults: Any) -> Any:
+    """A transformers config from a dict naming its ``model_type`` (config.json's layout); ``defaults`` fill the
+    keys it lacks."""
+    from transformers import AutoConfig
+
+    values = {**defaults, **values}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of ``name``, with a pad token (the EOS token where the model ships none)."""
     from transformers import AutoTokenizer

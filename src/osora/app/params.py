@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from osora.config import default_target_modules
+
 from .cli import call
 from .methods import get_method, peft_config
 
@@ -45,35 +47,22 @@ def load_model_config(source: str):  # -> transformers.PretrainedConfig
     """A transformers config from a config.json file, a model dir / hub id, or an ``osora train`` YAML."""
     from transformers import AutoConfig
 
+    from .models import _from_pretrained, config_from_dict, resolve
+
     path = Path(source)
     if path.suffix in {".yaml", ".yml"}:
         from .config import load_config
 
         model = load_config(path).model
         if model.from_config is not None:
-            values = dict(model.from_config)
-            values.setdefault("vocab_size", 32000)
-            return AutoConfig.for_model(values.pop("model_type"), **values)
+            return config_from_dict(model.from_config, vocab_size=32000)
         if model.name_or_path is None:
             raise ValueError(f"{source}: model.name_or_path or model.from_config is needed")
         source = model.name_or_path
         path = Path(source)
     if path.is_file() and path.suffix == ".json":
-        values = json.loads(path.read_text())
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    from .models import (
-        _from_pretrained,
-        resolve,
-    )  # a short name, a folder, a .gguf file or a hub id (paths first)
-
-    return _from_pretrained(AutoConfig, resolve(source))
-
-
-def default_targets(model_type: str) -> list[str] | str:
-    """OSoRA's default target modules for an architecture (:func:`osora.config.default_target_modules`)."""
-    from osora.config import default_target_modules
-
-    return default_target_modules(model_type)
+        return config_from_dict(json.loads(path.read_text()))
+    return _from_pretrained(AutoConfig, resolve(source))  # a short name, a folder, a .gguf file or a hub id
 
 
 def meta_model(model_config: Any) -> nn.Module:
@@ -145,11 +134,11 @@ def table(
 ) -> tuple[list[Matrix], list[dict[str, int]]]:
     """The adapted matrices, and one row per rank: ``{"r", "lora", "vera", "osora"}``.
 
-    ``targets``: module names or a regex (None: :func:`default_targets`); ``osora_fields`` go to OSoRAConfig
+    ``targets``: module names or a regex (None: :func:`osora.config.default_target_modules`); ``osora_fields`` go to OSoRAConfig
     (e.g. ``o_dim="input"``).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    targets = targets if targets is not None else default_targets(model_type)
+    targets = targets if targets is not None else default_target_modules(model_type)
 
     def config(name: str, r: int) -> Any:
         extra = osora_fields if get_method(name).family == "osora" else {}

@@ -184,7 +184,6 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     missing = [k for k in RECORD_KEYS if k not in result]
     if missing:
         raise ValueError(f"a benchmark result needs the keys {RECORD_KEYS}; missing {missing}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .checkpoints import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")

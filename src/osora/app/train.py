@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from osora.config import default_target_modules
+
 from .checkpoints import (
     RUN_FILE,
     CrashSafeTrainer,
@@ -32,14 +34,13 @@ from .checkpoints import (
 )
 from .config import ConfigError, MethodConfig, ModelConfig, RunConfig, config_from_argv, to_dict
 from .data import build_train_dataset, load_split, texts_of, word_level_tokenizer
-from .models import load_causal_lm, load_tokenizer
+from .models import _DTYPES, config_from_dict, load_causal_lm, load_tokenizer
 from .params import count_parameters
 
 logger = logging.getLogger("osora.train")
 
-BASE_MODEL_DIR = (
-    "base_model"  # where a model built from model.from_config is saved, so adapters can be reloaded
-)
+#: Where a model built from model.from_config is saved, so adapters can be reloaded.
+BASE_MODEL_DIR = "base_model"
 
 
 def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
@@ -47,33 +48,25 @@ def build_tokenizer(model_cfg: ModelConfig, records: Any = None):
     if model_cfg.tokenizer_from_data:
         if records is None or len(records) == 0:
             raise ValueError("model.tokenizer_from_data needs training records")
-        tokenizer = word_level_tokenizer(texts_of(records))
-    else:
-        source = model_cfg.tokenizer or model_cfg.name_or_path
-        if source is None:
-            raise ValueError(
-                "set model.tokenizer or model.name_or_path (or --model.tokenizer_from_data=true)"
-            )
-        return load_tokenizer(source, model_cfg.trust_remote_code)  # sets the pad token where there is none
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return word_level_tokenizer(texts_of(records))  # its pad token is <pad>
+    source = model_cfg.tokenizer or model_cfg.name_or_path
+    if source is None:
+        raise ValueError("set model.tokenizer or model.name_or_path (or --model.tokenizer_from_data=true)")
+    return load_tokenizer(source, model_cfg.trust_remote_code)  # sets the pad token where there is none
 
 
 def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
     """The base causal LM: loaded from ``name_or_path``, or randomly initialised from ``from_config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if model_cfg.from_config is not None:
-        values = dict(model_cfg.from_config)
-        values.setdefault("vocab_size", len(tokenizer))
-        values.setdefault("pad_token_id", tokenizer.pad_token_id)
-        values.setdefault("eos_token_id", tokenizer.eos_token_id)
-        values.setdefault("bos_token_id", tokenizer.bos_token_id)
-        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        config = config_from_dict(
+            model_cfg.from_config,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
         torch.manual_seed(seed)  # every rank builds the same weights
         model = AutoModelForCausalLM.from_config(config)
         if model_cfg.dtype in _DTYPES:
@@ -91,15 +84,9 @@ def build_model(model_cfg: ModelConfig, tokenizer: Any, seed: int = 42):
     return model
 
 
-def _default_targets(model: Any) -> list[str] | str:
-    from osora.config import default_target_modules
-
-    return default_target_modules(model.config.model_type)
-
-
 def apply_method(model: Any, method: MethodConfig):
     """``model`` wrapped by the method's PEFT adapter (or returned as is, all weights trainable, for ``full``)."""
-    config = method.peft_config(_default_targets(model))
+    config = method.peft_config(default_target_modules(model.config.model_type))
     if config is None:
         return model
     from peft import get_peft_model
@@ -124,13 +111,13 @@ def training_arguments(cfg: RunConfig):
         raise ConfigError(f"training settings: {error}") from error
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, records: Any = None) -> None:
     """Check what can be checked before anything is built or written: the method's settings, the data and model.
 
     Raises:
         ConfigError: naming the key and the fix.
     """
-    if cfg.data.path is None:
+    if cfg.data.path is None and records is None:
         raise ConfigError("data.path is required: set it to a local .json/.jsonl file or a hub dataset id")
     if cfg.model.from_config is None and cfg.model.name_or_path is None:
         raise ConfigError(
@@ -141,8 +128,11 @@ def validate(cfg: RunConfig) -> None:
     cfg.method.peft_config("all-linear")
 
 
-def run(cfg: RunConfig, callbacks: list[Any] | None = None):
+def run(cfg: RunConfig, callbacks: list[Any] | None = None, records: Any = None):
     """Train as ``cfg`` says and save the result; returns the ``Trainer`` (for tests and notebooks).
+
+    ``records`` (a list of dicts or a ``datasets.Dataset``) are the training records in place of ``data.path``'s,
+    e.g. the demo's generated task.
 
     Checkpoints and the final save are crash-safe and a resume is exact (:mod:`osora.app.checkpoints`); an
     output_dir that holds another run is refused before anything is built or written.
@@ -151,7 +141,7 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
     from transformers import DataCollatorForSeq2Seq, set_seed
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    validate(cfg)
+    validate(cfg, records)
     args = training_arguments(cfg)  # sets up torch.distributed under torchrun / accelerate
     out = Path(cfg.training.output_dir)
     resume_from = prepare_output_dir(
@@ -162,8 +152,9 @@ def run(cfg: RunConfig, callbacks: list[Any] | None = None):
     )
     PartialState().wait_for_everyone()  # every rank has checked output_dir before rank 0 writes into it
     set_seed(cfg.training.seed)
-    assert cfg.data.path is not None  # validate() refused a config without one
-    records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
+    if records is None:
+        assert cfg.data.path is not None  # validate() refused a config without one
+        records = load_split(cfg.data.path, cfg.data.name, cfg.data.split, cfg.data.max_samples)
     tokenizer = build_tokenizer(cfg.model, records)
     tokenizer.padding_side = "right"
     train_dataset, report = build_train_dataset(records, tokenizer, cfg.data)
@@ -240,7 +231,11 @@ def main(argv: list[str]) -> int:
     # end_training destroys the process group: a gloo group left to interpreter exit can abort a rank
     trainer = run(cfg)
     trainer.accelerator.end_training()
-    interrupted = next(
-        (cb.received for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal)), None
-    )
+    interrupted = received_signal(trainer)
     return 128 + interrupted if interrupted else 0
+
+
+def received_signal(trainer: Any) -> int | None:
+    """The SIGINT/SIGTERM that stopped :func:`run`'s training early (None: it ran to its end)."""
+    stops = (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
+    return next((cb.received for cb in stops), None)

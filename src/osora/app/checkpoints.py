@@ -131,11 +131,6 @@ def remove_stale_staging(output_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _run_entries(output_dir: Path) -> list[Path]:
-    entries = {p for pattern in RUN_ENTRY_PATTERNS for p in output_dir.glob(pattern)}
-    return sorted(entries)
-
-
 def prepare_output_dir(
     output_dir: Path, overwrite: bool, resume: str | bool | None, is_main: bool = True
 ) -> Path | None:
@@ -196,7 +191,7 @@ def prepare_output_dir(
 
 
 def _remove_run_entries(output_dir: Path) -> None:
-    for entry in _run_entries(output_dir):
+    for entry in sorted({p for pattern in RUN_ENTRY_PATTERNS for p in output_dir.glob(pattern)}):
         if entry.is_dir():
             shutil.rmtree(entry)
         else:
@@ -206,17 +201,12 @@ def _remove_run_entries(output_dir: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     """Flush every file under ``root`` and the folders themselves to disk (a rename is only as durable as they)."""
     for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        for path in [*(os.path.join(folder, name) for name in files), folder]:
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def publish_folder(staging: Path, target: Path) -> None:

@@ -239,12 +239,12 @@ Equal = Callable[[str | None, str | None], bool]
 
 @dataclass(frozen=True)
 class Task:
-    """How one benchmark is scored: where its question and reference live in a record, and how to compare.
+    """How one benchmark is scored: how a completion's answer is extracted, where a record's reference is, and how
+    the two compare.
 
     ``comparisons`` names every way a prediction is compared with its reference; the first is the default.
     """
 
-    question_key: str
     extract: Callable[[str], str | None]
     reference: Callable[[Mapping[str, Any]], str | None]
     comparisons: Mapping[str, Equal]
@@ -275,18 +275,16 @@ class Task:
 
 
 def _commonsense(task: str) -> Task:
-    return Task("instruction", commonsense_extractor(task), lambda r: str(r["answer"]), {"exact": _exact})
+    return Task(commonsense_extractor(task), lambda r: str(r["answer"]), {"exact": _exact})
 
 
 TASKS: dict[str, Task] = {
     "gsm8k": Task(
-        "question",
         last_number,
         lambda r: gsm8k_reference(r["answer"]),
         {"numeric": numeric_equal},  # type: ignore[dict-item]
     ),
     "math": Task(
-        "problem",
         math_prediction,
         lambda r: r.get("answer") or math_reference(r["solution"]),
         {"math-verify": math_verify_equal, "string": math_equal},

@@ -51,8 +51,9 @@ def test_batched_equals_single(shape: tuple[int, int], method: str, threads: int
         assert len(iterations) > 1, "the test needs matrices that stop at different Krylov steps"
     for i, f in enumerate(batched):
         single = top_r_svd(W[i], 8, spec)
-        for a, b in ((f.U, single.U), (f.sigma, single.sigma), (f.Vh, single.Vh)):
-            assert torch.equal(a, b), i
+        view = top_r_svd(W[i].T.contiguous().T, 8, spec)  # the same matrix stored transposed (a Conv1D weight)
+        for a, b, c in ((f.U, single.U, view.U), (f.sigma, single.sigma, view.sigma), (f.Vh, single.Vh, view.Vh)):
+            assert torch.equal(a, b) and torch.equal(a, c), i
         assert f.accuracy == single.accuracy
         # and they are the top-8 factors, against a float64 reference written here
         U, s, Vh = torch.linalg.svd(W[i].double(), full_matrices=False)
@@ -65,8 +66,8 @@ def test_injection_decomposes_each_shape_once(monkeypatch: pytest.MonkeyPatch) -
     calls: list[tuple[int, tuple[int, ...]]] = []
     real = factors_module.batched_top_r_svd
 
-    def counting(W: torch.Tensor, r: int, spec: SVDSpec) -> object:
-        calls.append((r, tuple(W.shape)))
+    def counting(W: list[torch.Tensor], r: int, spec: SVDSpec) -> object:
+        calls.append((r, (len(W), *W[0].shape)))
         return real(W, r, spec)
 
     monkeypatch.setattr(factors_module, "batched_top_r_svd", counting)

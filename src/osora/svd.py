@@ -46,12 +46,15 @@ an :class:`SVDAccuracyWarning` gives the figure.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 
 InitMethod = Literal["randomized", "exact"]
@@ -74,6 +77,10 @@ BFLOAT16_PASS_COST = 0.35
 #: shapes, level at 576², r = 32) and power-law matrices of 576² … 4096² (randomized faster from 1024² at r ≤ 32,
 #: from 2048² at r = 128); ``benchmarks/init_cost.py --calibrate`` times both methods on these shapes.
 RANDOMIZED_OVERHEAD = 6.0
+
+#: Largest stack of float32 weights decomposed as one batched computation (bytes): bounds the extra memory of
+#: batching.
+MAX_BATCH_BYTES = 256 * 2**20
 
 #: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
 #: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
@@ -240,23 +247,90 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
 def top_eigenpairs(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The r largest eigenvalues (B, r), descending, and their eigenvectors (B, m, r) of each symmetric M (B, m, m).
 
-    On the CPU, LAPACK's ``ssyevr`` (through scipy) computes only those r: the tridiagonal reduction plus r
-    eigenvectors, 2–3× faster than the full eigendecomposition at m = 576. Elsewhere (CUDA) the batched full
-    ``torch.linalg.eigh``. Each matrix's result depends only on that matrix.
+    On the CPU, LAPACK's ``ssyevr`` (:func:`_lapack_top_eigenpairs`) computes only those r: the tridiagonal
+    reduction plus r eigenvectors, 2–3× faster than the full eigendecomposition at m = 576. Elsewhere (CUDA) the
+    batched full ``torch.linalg.eigh``. Each matrix's result depends only on that matrix.
     """
-    m = M.shape[-1]
     if M.device.type != "cpu":
         evals, evecs = torch.linalg.eigh(M)  # ascending
         return evals.flip(-1)[..., :r], evecs.flip(-1)[..., :r]
-    import scipy.linalg
-
-    pairs = [
-        scipy.linalg.eigh(x, subset_by_index=[m - r, m - 1], driver="evr", check_finite=False)
-        for x in M.detach().float().contiguous().numpy()
-    ]
-    evals = torch.stack([torch.from_numpy(w) for w, _ in pairs]).to(M.dtype)  # (B, r) ascending
+    pairs = [_lapack_top_eigenpairs(x.copy(), r) for x in M.detach().float().numpy()]
+    evals = torch.stack([torch.from_numpy(w) for w, _ in pairs]).to(M.dtype)  # (B, r) descending
     evecs = torch.stack([torch.from_numpy(v) for _, v in pairs]).to(M.dtype)  # (B, m, r)
-    return evals.flip(-1), evecs.flip(-1)
+    return evals, evecs
+
+
+def _lapack_top_eigenpairs(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top r eigenvalues (r,), descending, and eigenvectors (m, r) of a symmetric float32 G (m, m), which is
+    overwritten.
+
+    LAPACK ``ssyevr`` from scipy's table of LAPACK function pointers (``scipy.linalg.cython_lapack``), called
+    through ctypes, which releases the GIL for the call: ``scipy.linalg.eigh`` holds it, which serialised the
+    threads of :func:`batched_top_r_svd` (two threads took exactly as long as one for SmolLM2-135M's 576 × 576
+    Gram matrices). Only the lower triangle of G is read (G's rows are the columns LAPACK sees).
+    """
+    m = G.shape[0]
+    lwork, liwork = _ssyevr_workspace(m)
+    w = np.empty(m, np.float32)
+    z = np.empty((r, m), np.float32)  # column-major (m, r): row j is eigenvector j
+    isuppz = np.empty(2 * r, np.int32)
+    work, iwork = np.empty(lwork, np.float32), np.empty(liwork, np.int32)
+    found, info = _ssyevr_call(G, m, r, w, z, isuppz, work, lwork, iwork, liwork)
+    if info != 0 or found != r:
+        raise np.linalg.LinAlgError(
+            f"LAPACK ssyevr failed on a {m} × {m} Gram matrix (info={info}, {found} of {r})"
+        )
+    return w[:r][::-1].copy(), z[::-1].T.copy()
+
+
+@functools.cache
+def _ssyevr_workspace(m: int) -> tuple[int, int]:
+    """ssyevr's optimal work sizes for order m (a workspace query; the blocked reduction needs the larger one)."""
+    w, z = np.empty(m, np.float32), np.empty((1, m), np.float32)
+    work, iwork = np.empty(1, np.float32), np.empty(1, np.int32)
+    _ssyevr_call(np.eye(m, dtype=np.float32), m, 1, w, z, np.empty(2, np.int32), work, -1, iwork, -1)
+    return max(int(work[0]), 26 * m), max(int(iwork[0]), 10 * m)
+
+
+def _ssyevr_call(
+    G: np.ndarray,
+    m: int,
+    r: int,
+    w: np.ndarray,
+    z: np.ndarray,
+    isuppz: np.ndarray,
+    work: np.ndarray,
+    lwork: int,
+    iwork: np.ndarray,
+    liwork: int,
+) -> tuple[int, int]:
+    """ssyevr(jobz="V", range="I", uplo="L") for the eigenvalues m−r+1 … m; returns (number found, info)."""
+    c = ctypes
+    n, il, iu, lw, liw = (c.c_int(v) for v in (m, m - r + 1, m, lwork, liwork))
+    found, info, zero = c.c_int(0), c.c_int(0), c.c_float(0.0)
+
+    def ptr(a: np.ndarray) -> int:
+        return a.ctypes.data  # type: ignore[no-any-return]
+
+    _ssyevr()(
+        c.byref(c.c_char(b"V")), c.byref(c.c_char(b"I")), c.byref(c.c_char(b"L")), c.byref(n), ptr(G), c.byref(n),
+        c.byref(zero), c.byref(zero), c.byref(il), c.byref(iu), c.byref(zero), c.byref(found), ptr(w), ptr(z),
+        c.byref(n), ptr(isuppz), ptr(work), c.byref(lw), ptr(iwork), c.byref(liw), c.byref(info),
+    )  # fmt: skip
+    return found.value, info.value
+
+
+@functools.cache
+def _ssyevr() -> Any:
+    """LAPACK's ssyevr as a ctypes function (21 pointer arguments, Fortran convention)."""
+    from scipy.linalg import cython_lapack
+
+    capsule = cython_lapack.__pyx_capi__["ssyevr"]
+    name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )(capsule, name(capsule))
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 21)(address)
 
 
 def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
@@ -264,14 +338,18 @@ def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
 
     From the top r eigenpairs of the smaller Gram matrix A Aᵀ (A = W oriented so that m ≤ n,
     :func:`top_eigenpairs`): one product with W and a partial (m, m) eigenproblem instead of the full SVD.
-    Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ, so a matrix whose σ_r is below ``GRAM_MIN_RATIO`` σ₁
-    gets the full SVD (torch.linalg.svd) instead.
+    On the CPU the Gram matrix is numpy's ``A @ A.T`` (BLAS ssyrk, half the work of a general product: 6 ms
+    instead of torch's 12 ms for 576 × 1536, one thread). Squaring costs relative accuracy eps (σ₁/σᵢ)² in σᵢ,
+    so a matrix whose σ_r is below ``GRAM_MIN_RATIO`` σ₁ gets the full SVD (torch.linalg.svd) instead.
     """
     A = W.detach().float()
     transposed = A.shape[-2] > A.shape[-1]
     if transposed:
         A = A.mT
-    evals, U = top_eigenpairs(A @ A.mT, r)  # (B, r) descending, (B, m, r)
+    if A.device.type == "cpu":
+        evals, U = _cpu_gram_eigenpairs(A, r)
+    else:
+        evals, U = top_eigenpairs(A @ A.mT, r)  # (B, r) descending, (B, m, r)
     sigma = evals.clamp_min(0).sqrt()  # (B, r)
     Vh = (U.mT @ A) / sigma.clamp_min(torch.finfo(sigma.dtype).tiny).unsqueeze(-1)  # (B, r, n)
     if transposed:
@@ -289,14 +367,46 @@ def exact_svd(W: torch.Tensor, r: int) -> list[SVDFactors]:
     ]
 
 
+def _cpu_gram_eigenpairs(A: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_eigenpairs` of A Aᵀ for each (m, n) matrix of a CPU float32 A (B, m, n), matrix by matrix."""
+    pairs = []
+    for a in A.numpy():
+        G = a @ a.T  # numpy sees the transpose of the same buffer: ssyrk
+        w, v = _lapack_top_eigenpairs(G, r)
+        pairs.append((torch.from_numpy(w), torch.from_numpy(v)))
+    return torch.stack([w for w, _ in pairs]), torch.stack([v for _, v in pairs])
+
+
 def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def _aat(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """A Aᵀ Q (B, m, k) in float32, the two products with the weight in S's dtype (S is A (B, m, n) in it)."""
-    P = Q.to(S.dtype).mT @ S  # (B, k, n)
-    return (S @ P.mT).float()
+class _KrylovCopy:
+    """The weights as the Krylov products use them: cast to the sketch dtype, in their own (d_out, d_in)
+    orientation, row-major. For a tall weight that is Aᵀ, and the products are arranged so that no large operand
+    is transposed (in bfloat16 that kernel is 14–20× slower, measured at 4096 × 11008); casting without
+    transposing also takes a quarter of the time (73 ms instead of 280 ms for 11008 × 4096). The orientation
+    depends only on the shape, so a matrix gets the same products alone or in a stack."""
+
+    def __init__(self, W: torch.Tensor, dtype: torch.dtype, transposed: bool) -> None:
+        self.holds_at = transposed  # T is Aᵀ (B, n, m), else A (B, m, n)
+        self.T = W.to(dtype, memory_format=torch.contiguous_format)
+
+    def times(self, X: torch.Tensor) -> torch.Tensor:
+        """A X (B, m, k) in float32 for X (n, k) or (B, n, k)."""
+        X = X.to(self.T.dtype)
+        out = (X.mT.contiguous() @ self.T).mT if self.holds_at else self.T @ X
+        return out.float()
+
+    def aat(self, Q: torch.Tensor) -> torch.Tensor:
+        """A Aᵀ Q (B, m, k) in float32, two products with the copy."""
+        Q = Q.to(self.T.dtype)
+        if self.holds_at:  # T = Aᵀ: A (Aᵀ Q) = ((T Q)ᵀ T)ᵀ
+            return (((self.T @ Q).mT.contiguous()) @ self.T).mT.float()
+        return (self.T @ (Q.mT @ self.T).mT).float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.T = self.T[rows]
 
 
 def _estimates(res: torch.Tensor, s: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,14 +452,15 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
     if k >= m:
         return exact_svd(W, r)
     dtype = resolve_sketch_dtype(spec, A.device)
-    S = A.to(dtype, memory_format=torch.contiguous_format)  # (B, m, n): the Krylov products' copy, row-major
-    # (a transposed bfloat16 operand sends the products to a kernel 14–20× slower, measured at 4096 × 11008)
+    S = _KrylovCopy(W.detach(), dtype, transposed)
     generator = torch.Generator(device=A.device).manual_seed(spec.seed)
     omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
-    basis = _orth((S @ omega.to(dtype)).float())  # (B, m, K), K grows by k per block
-    AAt = _aat(S, basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
+    basis = _orth(S.times(omega))  # (B, m, K), K grows by k per block
+    AAt = S.aat(basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
     out: list[SVDFactors | None] = [None] * B
-    todo = torch.arange(B, device=A.device)  # matrices still iterating, their rows in A, S, basis and AAt
+    todo = torch.arange(
+        B, device=A.device
+    )  # matrices still iterating (rows of A), their rows in S, basis and AAt
     q = 0
     while True:
         if q >= spec.power_iters:
@@ -371,12 +482,14 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
             last = q >= spec.max_power_iters
             ready = (met | full | last).nonzero().flatten()
             if len(ready):
+                rows = todo[ready]
+                A_ready = A if len(rows) == B else A[rows]  # (a copy only when some matrices go on iterating)
                 if dtype == torch.float32:  # the Ritz triplets are the answer: Vh = Uᵀ A / σ̃
-                    U, s, Vh = U[ready], s[ready], (U[ready].mT @ A[ready]) / s[ready].unsqueeze(-1)
+                    U, s, Vh = U[ready], s[ready], (U[ready].mT @ A_ready) / s[ready].unsqueeze(-1)
                     sigma_err, agreement = sigma_err[ready], agreement[ready]
                 else:  # refine in float32 on the top-k Ritz vectors of the low-precision basis (B', m, k)
                     Y = basis[ready] @ Ub[ready][..., :k]
-                    U, s, Vh, sigma_err, agreement = _rayleigh_ritz(A[ready], Y, r, floor[ready])
+                    U, s, Vh, sigma_err, agreement = _rayleigh_ritz(A_ready, Y, r, floor[ready])
                 good = _met(sigma_err, agreement, spec)
             finished = torch.zeros(len(todo), dtype=torch.bool, device=A.device)
             for j, i in enumerate(ready.tolist()):
@@ -384,7 +497,8 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
                     continue  # the float32 estimate asks for another block
                 finished[i] = True
                 if not bool(good[j]) and not last:  # the exact SVD costs about as much now
-                    out[int(todo[i])] = exact_svd(A[i : i + 1].mT if transposed else A[i : i + 1], r)[0]
+                    row = int(todo[i])
+                    out[row] = exact_svd(A[row : row + 1].mT if transposed else A[row : row + 1], r)[0]
                     continue
                 accuracy = SVDAccuracy(float(sigma_err[j]), float(agreement[j]), q)
                 out[int(todo[i])] = _canonical(U[j], s[j], Vh[j], accuracy, transposed)
@@ -392,13 +506,14 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
             if not len(keep):
                 break
             if len(keep) < len(todo):
-                todo, A, S, basis, AAt = todo[keep], A[keep], S[keep], basis[keep], AAt[keep]
+                todo, basis, AAt = todo[keep], basis[keep], AAt[keep]
+                S.select(keep)
         # next Krylov block: A Aᵀ times the last one, orthogonalised twice against the whole basis (fp32 CGS2)
         Z = AAt[..., -k:]  # (B, m, k)
         for _ in range(2):
             Z = Z - basis @ (basis.mT @ Z)
         block = _orth(Z)
-        basis, AAt = torch.cat([basis, block], -1), torch.cat([AAt, _aat(S, block)], -1)
+        basis, AAt = torch.cat([basis, block], -1), torch.cat([AAt, S.aat(block)], -1)
         q += 1
     factors = [f for f in out if f is not None]
     for f in factors:
@@ -435,42 +550,64 @@ def _meets(acc: SVDAccuracy, spec: SVDSpec) -> bool:
     )
 
 
-def batched_top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list[SVDFactors]:
-    """Top-r SVD of each matrix of W (B, d_out, d_in), float32 on W's device, one factors object per matrix.
+def batched_top_r_svd(
+    W: torch.Tensor | Sequence[torch.Tensor], r: int, spec: SVDSpec | None = None
+) -> list[SVDFactors]:
+    """Top-r SVD of each (d_out, d_in) matrix of W, float32 on W's device, one factors object per matrix.
 
-    On the CPU a batch of at least ``torch.get_num_threads()`` matrices is split into that many parts decomposed
-    in parallel threads, each with single-threaded kernels (:func:`single_threaded_kernels`): the matrices here are small enough that
-    splitting the batch uses the cores better than splitting each product, and a busy machine does not stall the
-    many small multi-threaded kernels (SmolLM2-135M's init: 51 s instead of 67–164 s at a load average of 6 on
-    2 cores). Each matrix's result depends only on the matrix (not on the split).
+    The matrices are decomposed in stacks of at most ``MAX_BATCH_BYTES`` (one batched computation each; a single
+    float32 matrix is used in place, not copied). On the CPU, at least ``torch.get_num_threads()`` matrices are
+    split into that many parts decomposed in parallel threads, each with single-threaded kernels
+    (:func:`single_threaded_kernels`): the matrices here are small enough that splitting the batch uses the cores
+    better than splitting each product, and a busy machine does not stall the many small multi-threaded kernels
+    (SmolLM2-135M's init: 51 s instead of 67–164 s at a load average of 6 on 2 cores). Each matrix's result
+    depends only on the matrix (not on the split or the stack it is in).
 
     Args:
-        W: The weights, stacked, any floating dtype.
+        W: The weights, all of one shape and device, any floating dtype: a stack (batch, d_out, d_in) or a
+            sequence of matrices.
         r: Number of triplets, 1 ≤ r ≤ min(d_out, d_in).
         spec: Method and knobs; ``SVDSpec()`` when None. "randomized" takes the exact SVD for shapes where
             :func:`prefers_exact` says it is cheaper.
     """
     spec = spec or SVDSpec()
-    if W.ndim != 3:
+    if isinstance(W, torch.Tensor) and W.ndim != 3:
         raise ValueError(f"expected a stack of matrices (batch, d_out, d_in), got shape {tuple(W.shape)}")
-    shape = (W.shape[1], W.shape[2])
+    matrices = list(W)
+    if not matrices:
+        return []
+    shape = (matrices[0].shape[0], matrices[0].shape[1])
+    if any(m.shape != matrices[0].shape or m.device != matrices[0].device for m in matrices):
+        raise ValueError("the matrices of one batched SVD must share one 2-D shape and one device")
     if not 1 <= r <= min(shape):
         raise ValueError(f"r must be in [1, {min(shape)}] for a weight of shape {shape}, got {r}")
-    exact = spec.method == "exact" or prefers_exact(shape, r, spec, W.device)
+    device = matrices[0].device
+    exact = spec.method == "exact" or prefers_exact(shape, r, spec, device)
+    per_stack = max(1, MAX_BATCH_BYTES // (4 * shape[0] * shape[1]))
 
-    def decompose(part: torch.Tensor) -> list[SVDFactors]:
-        return exact_svd(part, r) if exact else randomized_svd(part, r, spec)
+    def decompose(part: list[torch.Tensor]) -> list[SVDFactors]:
+        out: list[SVDFactors] = []
+        for start in range(0, len(part), per_stack):
+            chunk = part[start : start + per_stack]
+            stack = (
+                chunk[0].detach().float()[None] if len(chunk) == 1 else torch.stack(chunk).detach().float()
+            )
+            out += exact_svd(stack, r) if exact else randomized_svd(stack, r, spec)
+        return out
 
     workers = torch.get_num_threads()
-    if W.device.type != "cpu" or len(W) < workers:  # too few matrices for every thread: split each product
-        return decompose(W)
+    if (
+        device.type != "cpu" or len(matrices) < workers
+    ):  # too few matrices for every thread: split each product
+        return decompose(matrices)
     with single_threaded_kernels():
         if workers == 1:
-            return decompose(W)
+            return decompose(matrices)
         from concurrent.futures import ThreadPoolExecutor
 
+        bounds = [len(matrices) * i // workers for i in range(workers + 1)]
         with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(decompose, torch.tensor_split(W, workers)))
+            parts = list(pool.map(decompose, [matrices[i:j] for i, j in zip(bounds, bounds[1:])]))
     return [f for part in parts for f in part]
 
 

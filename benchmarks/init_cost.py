@@ -327,6 +327,22 @@ def markdown(result: dict) -> str:
                 f"{acc('pissa', 'subspace_agreement_min', '.5f')} | {acc('pissa', 'sigma_rel_err_max', '.1e')} | "
                 f"{warned} |"
             )
+    stack, layers = result["models"].get("llama7b"), cfg.get("layers_7b", 0)
+    if stack and layers:
+        lines += [
+            "",
+            f"Whole Llama-7B (32 decoder blocks, 224 matrices), estimated as 32 / {layers} × the {layers}-block "
+            "stack's median:",
+            "",
+            "| r | LoRA (s) | PiSSA (s) | OSoRA (s) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for r, row in stack["by_r"].items():
+            cells = [
+                f"{row[m]['time_s']['median'] * 32 / layers:.1f}" if m in row else "—"
+                for m in ("lora", "pissa", "osora")
+            ]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
     alphas = result.get("alphas")
     if alphas:
         lines += [

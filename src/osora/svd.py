@@ -61,10 +61,12 @@ InitMethod = Literal["randomized", "exact"]
 SketchDtype = Literal["auto", "bfloat16", "float32"]
 
 #: Time of the top-r eigenpairs of an (m, m) Gram matrix (:func:`top_eigenpairs`: LAPACK ssyevr, one thread)
-#: divided by that of an (m, m) × (m, m) float32 product: 1.7–2.9 for m = 576 … 2048 on the idle development
-#: machine (AMD EPYC), more on a busy one; 4, with ``RANDOMIZED_OVERHEAD``, reproduces the crossover measured on
-#: SmolLM2's real weights (``python benchmarks/init_cost.py --calibrate`` prints the ratio per shape).
-EIGH_COST_RATIO = 4.0
+#: divided by that of an (m, m) × (m, m) float32 product: 2.9–3.1 at m = 576, 2.0 at 1024, 1.5 at 2048 on the
+#: idle development machine (AMD EPYC; ``python benchmarks/init_cost.py --calibrate`` prints it per shape). With
+#: ``RANDOMIZED_OVERHEAD`` it reproduces the crossover measured on SmolLM2-135M's real weights (r = 32: exact
+#: 13.6 ms vs randomized 16.4 ms at 576 × 576, 18 vs 43 ms at 1536 × 576; r = 8: randomized 10.9 vs exact 12.0 ms
+#: at 576 × 576).
+EIGH_COST_RATIO = 3.0
 
 #: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured
 #: 0.2–0.35 on the development machine's AMD EPYC (AVX-512 BF16, oneDNN) for 576 × 1536 … 4096 × 11008.
@@ -78,9 +80,10 @@ BFLOAT16_PASS_COST = 0.35
 #: from 2048² at r = 128); ``benchmarks/init_cost.py --calibrate`` times both methods on these shapes.
 RANDOMIZED_OVERHEAD = 6.0
 
-#: Largest stack of float32 weights decomposed as one batched computation (bytes): bounds the extra memory of
-#: batching.
-MAX_BATCH_BYTES = 256 * 2**20
+#: Largest stack of float32 weights decomposed as one batched computation (bytes). Stacking amortises the per-call
+#: overhead of small matrices; large ones are faster one at a time (two 4096 × 4096 weights at r = 32, one thread:
+#: 0.78 s stacked, 0.57 s one after the other).
+MAX_BATCH_BYTES = 16 * 2**20
 
 #: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
 #: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
@@ -223,9 +226,9 @@ def subspace_agreement(A: torch.Tensor, B: torch.Tensor) -> float:
 def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.device | None = None) -> bool:
     """True when the exact SVD of a (m, n) weight is predicted to be cheaper than the randomized method.
 
-    Both costs in units of one multiply-add of a float32 matrix product (m ≤ n). The exact SVD: m² n for the Gram
-    matrix plus ``EIGH_COST_RATIO`` · m³ for its top-r eigenpairs. The randomized method, with q = ``power_iters``
-    + 1 Krylov steps (pretrained weights typically need one adaptive block beyond ``power_iters``; SmolLM2-135M's
+    Both costs in units of one multiply-add of a float32 matrix product (m ≤ n). The exact SVD: m² n / 2 for the
+    Gram matrix (a symmetric product, BLAS ssyrk) plus ``EIGH_COST_RATIO`` · m³ for its top-r eigenpairs. The
+    randomized method, with q = ``power_iters`` + 1 Krylov steps (pretrained weights typically need one adaptive block beyond ``power_iters``; SmolLM2-135M's
     at r = 32: 4.6 on average for power_iters = 3): m n k (2q + 3) for the sketch and the steps (times
     ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32 refinement) and m K² for the
     orthogonalisations (K = k(q + 1)), all times ``RANDOMIZED_OVERHEAD``, its measured time per counted
@@ -241,7 +244,7 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
     if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
         passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
     randomized = RANDOMIZED_OVERHEAD * (passes + m * width * width)
-    return m * m * n + EIGH_COST_RATIO * m**3 <= randomized
+    return m * m * n / 2 + EIGH_COST_RATIO * m**3 <= randomized
 
 
 def top_eigenpairs(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +270,7 @@ def _lapack_top_eigenpairs(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarra
     LAPACK ``ssyevr`` from scipy's table of LAPACK function pointers (``scipy.linalg.cython_lapack``), called
     through ctypes, which releases the GIL for the call: ``scipy.linalg.eigh`` holds it, which serialised the
     threads of :func:`batched_top_r_svd` (two threads took exactly as long as one for SmolLM2-135M's 576 × 576
-    Gram matrices). Only the lower triangle of G is read (G's rows are the columns LAPACK sees).
+    Gram matrices).
     """
     m = G.shape[0]
     lwork, liwork = _ssyevr_workspace(m)
@@ -304,7 +307,8 @@ def _ssyevr_call(
     iwork: np.ndarray,
     liwork: int,
 ) -> tuple[int, int]:
-    """ssyevr(jobz="V", range="I", uplo="L") for the eigenvalues m−r+1 … m; returns (number found, info)."""
+    """ssyevr(jobz="V", range="I", uplo="U") for the eigenvalues m−r+1 … m; returns (number found, info). (G is
+    symmetric and whole; "U" reads it 10–15 % faster than "L" at m = 576.)"""
     c = ctypes
     n, il, iu, lw, liw = (c.c_int(v) for v in (m, m - r + 1, m, lwork, liwork))
     found, info, zero = c.c_int(0), c.c_int(0), c.c_float(0.0)
@@ -313,7 +317,7 @@ def _ssyevr_call(
         return a.ctypes.data  # type: ignore[no-any-return]
 
     _ssyevr()(
-        c.byref(c.c_char(b"V")), c.byref(c.c_char(b"I")), c.byref(c.c_char(b"L")), c.byref(n), ptr(G), c.byref(n),
+        c.byref(c.c_char(b"V")), c.byref(c.c_char(b"I")), c.byref(c.c_char(b"U")), c.byref(n), ptr(G), c.byref(n),
         c.byref(zero), c.byref(zero), c.byref(il), c.byref(iu), c.byref(zero), c.byref(found), ptr(w), ptr(z),
         c.byref(n), ptr(isuppz), ptr(work), c.byref(lw), ptr(iwork), c.byref(liw), c.byref(info),
     )  # fmt: skip

@@ -149,9 +149,10 @@ def test_encode_pairs_and_pad_per_batch(tiny_bert: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     enc = C.encode(tokenizer, [C.Example("the movie", 0, "was dull"), C.Example("a", 1, "b")])
     batch = enc.batch([0, 1])
-    assert batch["input_ids"].shape == (2, max(len(ids) for ids in enc.input_ids))
+    assert batch["input_ids"].shape == (2, max(enc.length(0), enc.length(1)))
     assert batch["token_type_ids"][0].max() == 1  # the second text is segment 1
-    assert batch["attention_mask"][1].sum() == len(enc.input_ids[1])
+    assert batch["attention_mask"][1].sum() == enc.length(1)
+    assert batch["input_ids"][1, enc.length(1) :].eq(tokenizer.pad_token_id).all()  # padded on the right
     assert batch["labels"].tolist() == [0, 1]
 
 

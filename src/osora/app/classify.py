@@ -131,44 +131,39 @@ def read_labelled(path: str | os.PathLike[str], label_names: list[str] | None = 
 
 @dataclass
 class Encoded:
-    """Token ids per example (unpadded) and labels; batches are padded to their own longest example."""
+    """Token ids per example (unpadded) and labels; :meth:`batch` pads a batch to its own longest example.
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
+    ``features`` holds each example's input_ids and attention_mask (and token_type_ids where the tokenizer makes
+    them); ``collate`` pads them on the tokenizer's padding side (transformers' ``DataCollatorWithPadding``).
+    """
+
+    features: list[dict[str, list[int]]]
     labels: torch.Tensor  # (n,)
-    pad_id: int = 0
+    collate: Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.features)
+
+    def length(self, i: int) -> int:
+        return len(self.features[i]["input_ids"])
 
     def batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        width = max(len(self.input_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # (batch, seq)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)  # (batch, seq)
-        types = torch.zeros((len(idx), width), dtype=torch.long)  # (batch, seq)
-        for row, i in enumerate(idx):
-            n = len(self.input_ids[i])
-            ids[row, :n] = torch.tensor(self.input_ids[i])
-            mask[row, :n] = 1
-            if self.token_type_ids is not None:
-                types[row, :n] = torch.tensor(self.token_type_ids[i])
-        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(idx)]}
-        if self.token_type_ids is not None:
-            out["token_type_ids"] = types
-        return out
+        return {**self.collate([self.features[i] for i in idx]), "labels": self.labels[list(idx)]}
 
 
-def encode(tokenizer: object, examples: Sequence[Example], max_length: int = 64) -> Encoded:
-    """Tokenise once, up front; padding happens per batch."""
-    texts = [e.text for e in examples]
+def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 64) -> Encoded:
+    """Tokenise once, up front; padding happens per batch (transformers' ``DataCollatorWithPadding``)."""
+    from transformers import DataCollatorWithPadding
+
     pairs = [e.text_pair for e in examples]
     has_pair = any(p is not None for p in pairs)
-    enc = tokenizer(  # type: ignore[operator]
+    texts = [e.text for e in examples]
+    enc = tokenizer(
         texts, [p or "" for p in pairs] if has_pair else None, truncation=True, max_length=max_length
     )
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    features = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels, pad_id)
+    return Encoded(features, labels, DataCollatorWithPadding(tokenizer))
 
 
 def batches(n: int, batch_size: int, shuffle: bool, seed: int = 0) -> list[list[int]]:
@@ -409,7 +404,7 @@ def train(model: nn.Module, data: Encoded, config: TrainConfig, desc: str = "tra
 def predict(model: nn.Module, data: Encoded, batch_size: int = 128, desc: str | None = None) -> torch.Tensor:
     """Logits (n, num_labels), batched by length so padding stays small."""
     model.eval()
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    order = sorted(range(len(data)), key=data.length)
     logits = torch.empty(0)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(chunks, desc=desc or "eval", leave=False, disable=desc is None):

@@ -38,7 +38,9 @@ def test_batched_equals_single(shape: tuple[int, int], method: str, threads: int
     iterating at different steps and, with 2 threads, are split between threads (compact adapters recompute
     factors on load, possibly in another batch, on a machine with another thread count)."""
     W = power_law_stack(5, *shape)
-    W[1] = power_law_stack(1, *shape, alpha=3.0, seed=1)[0]  # a fast decay: fewer Krylov steps
+    # a steep decay: at r = 8 its σ_r is too small for the bfloat16 products, and it goes on alone in float32
+    # (more Krylov steps than the others; with a float32 sketch, fewer)
+    W[1] = power_law_stack(1, *shape, alpha=1.5, seed=1)[0]
     spec = SVDSpec(method=method, oversample=8, power_iters=0)  # type: ignore[arg-type]
     torch.set_num_threads(threads)
     try:

@@ -55,7 +55,9 @@ def test_batched_equals_single(shape: tuple[int, int], method: str, threads: int
         single = top_r_svd(W[i], 8, spec)
         # and the same matrix stored transposed (a Conv1D weight)
         view = top_r_svd(W[i].T.contiguous().T, 8, spec)
-        for a, b, c in zip((f.U, f.sigma, f.Vh), (single.U, single.sigma, single.Vh), (view.U, view.sigma, view.Vh)):
+        for a, b, c in zip(
+            (f.U, f.sigma, f.Vh), (single.U, single.sigma, single.Vh), (view.U, view.sigma, view.Vh)
+        ):
             assert torch.equal(a, b) and torch.equal(a, c), i
         assert f.accuracy == single.accuracy
         # and they are the top-8 factors, against a float64 reference written here

@@ -26,7 +26,7 @@ from .checkpoint import atomic_save_file
 from .svd import SVDAccuracy, SVDFactors, SVDSpec
 
 #: Bumped when the entry layout or the algorithm changes; older entries then count as stale.
-CACHE_FORMAT = "3"
+CACHE_FORMAT = "4"  # 4: the exact path through ssyrk + ssyevr, the float32 continuation of the Krylov method
 _TENSORS = ("U", "sigma", "Vh")
 
 

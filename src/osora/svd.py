@@ -63,22 +63,24 @@ SketchDtype = Literal["auto", "bfloat16", "float32"]
 #: Time of the top-r eigenpairs of an (m, m) Gram matrix (:func:`top_eigenpairs`: LAPACK ssyevr, one thread)
 #: divided by that of an (m, m) × (m, m) float32 product: 2.9–3.1 at m = 576, 2.0 at 1024, 1.5 at 2048 on the
 #: idle development machine (AMD EPYC; ``python benchmarks/init_cost.py --calibrate`` prints it per shape). With
-#: ``RANDOMIZED_OVERHEAD`` it reproduces the crossover measured on SmolLM2-135M's real weights (r = 32: exact
-#: 13.6 ms vs randomized 16.4 ms at 576 × 576, 18 vs 43 ms at 1536 × 576; r = 8: randomized 10.9 vs exact 12.0 ms
-#: at 576 × 576).
+#: ``RANDOMIZED_OVERHEAD`` and ``RITZ_EIGH_COST`` it reproduces the measured crossovers (below).
 EIGH_COST_RATIO = 3.0
 
 #: Time of an (m, n) × (n, k) matrix product in bfloat16 divided by the same in float32 (k = 24 … 192). Measured
 #: 0.2–0.35 on the development machine's AMD EPYC (AVX-512 BF16, oneDNN) for 576 × 1536 … 4096 × 11008.
 BFLOAT16_PASS_COST = 0.35
 
-#: Measured time of the randomized method over its operation count below (the Krylov products alone, which is
-#: what the count counts well, are a fraction of the time: the orthogonalisations, the Ritz eigenproblems of each
-#: accuracy check and the copies of a growing basis make up the rest). 6 fits the measured crossover on the
-#: development CPU, one thread: SmolLM2-135M's real weights at r = 8, 32, 128 (exact faster for the 576 × 1536
-#: shapes, level at 576², r = 32) and power-law matrices of 576² … 4096² (randomized faster from 1024² at r ≤ 32,
-#: from 2048² at r = 128); ``benchmarks/init_cost.py --calibrate`` times both methods on these shapes.
-RANDOMIZED_OVERHEAD = 6.0
+#: Measured time of the randomized method's products and orthogonalisations over their operation count below
+#: (the copies of a growing basis and the per-call costs make up the difference).
+RANDOMIZED_OVERHEAD = 3.0
+
+#: Cost of the Ritz eigenproblems (two accuracy checks on a (K, K) matrix, torch.linalg.eigh) per K³: 3.3 ms
+#: for K = 240 on one thread, about 12 K³ multiply-adds of a float32 product each. With the constants above it
+#: reproduces, one thread, on this session's idle development machine: SmolLM2-135M's real weights (r = 32: exact
+#: 13.6 ms vs randomized 16.4 ms at 576 × 576, 18 vs 43 ms at 1536 × 576; r = 8: randomized 10.9 vs 12.0 ms at
+#: 576 × 576) and Llama-7B shapes (11008 × 4096 at r = 128: randomized 2.5 s vs exact 6.5 s; randomized from
+#: 1024² at r = 32); ``benchmarks/init_cost.py --calibrate`` times both methods on power-law matrices.
+RITZ_EIGH_COST = 24.0
 
 #: Largest stack of float32 weights decomposed as one batched computation (bytes). Stacking amortises the per-call
 #: overhead of small matrices; large ones are faster one at a time (two 4096 × 4096 weights at r = 32, one thread:
@@ -228,11 +230,11 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
 
     Both costs in units of one multiply-add of a float32 matrix product (m ≤ n). The exact SVD: m² n / 2 for the
     Gram matrix (a symmetric product, BLAS ssyrk) plus ``EIGH_COST_RATIO`` · m³ for its top-r eigenpairs. The
-    randomized method, with q = ``power_iters`` + 1 Krylov steps (pretrained weights typically need one adaptive block beyond ``power_iters``; SmolLM2-135M's
-    at r = 32: 4.6 on average for power_iters = 3): m n k (2q + 3) for the sketch and the steps (times
-    ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32 refinement) and m K² for the
-    orthogonalisations (K = k(q + 1)), all times ``RANDOMIZED_OVERHEAD``, its measured time per counted
-    operation.
+    randomized method, with q = ``power_iters`` + 1 Krylov steps (pretrained weights typically need one adaptive
+    block beyond ``power_iters``; SmolLM2-135M's at r = 32: 4.6 on average for power_iters = 3): m n k (2q + 3) for
+    the sketch and the steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32
+    refinement) and m K² for the orthogonalisations (K = k(q + 1)), both times ``RANDOMIZED_OVERHEAD``, plus
+    ``RITZ_EIGH_COST`` · K³ for the Ritz eigenproblems.
     """
     m, n = sorted(shape)  # m ≤ n
     k = spec.block_width(r)
@@ -243,7 +245,7 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
     passes = m * n * k * (2 * q + 3)
     if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
         passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
-    randomized = RANDOMIZED_OVERHEAD * (passes + m * width * width)
+    randomized = RANDOMIZED_OVERHEAD * (passes + m * width * width) + RITZ_EIGH_COST * width**3
     return m * m * n / 2 + EIGH_COST_RATIO * m**3 <= randomized
 
 
@@ -447,6 +449,27 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
     when ``max_power_iters`` blocks do not reach the tolerances.
     """
     spec = spec or SVDSpec()
+    factors = _krylov(W, r, spec)
+    for f in factors:
+        acc = f.accuracy
+        if acc is not None and not _meets(acc, spec):
+            warnings.warn(
+                f"OSoRA randomized SVD of a {tuple(W.shape[-2:])} weight at r={r} after {acc.power_iters} Krylov "
+                f"blocks: estimated max relative singular-value error {acc.sigma_rel_err:.2e} (tolerance "
+                f"{spec.sigma_tolerance:.0e}), subspace agreement {acc.subspace_agreement:.4f} (tolerance "
+                f"{1 - spec.subspace_tolerance:.4f}). Raise svd_oversample or svd_max_power_iters, or use "
+                "init_method='exact'.",
+                SVDAccuracyWarning,
+                stacklevel=3,
+            )
+    return factors
+
+
+def _krylov(
+    W: torch.Tensor, r: int, spec: SVDSpec, start: torch.Tensor | None = None, q: int = 0
+) -> list[SVDFactors]:
+    """:func:`randomized_svd` without the warning. ``start`` (B, m, k): a float32 run from this basis instead of
+    the sketch, its first block counted as block ``q``."""
     A = W.detach().float()
     transposed = A.shape[-2] > A.shape[-1]
     if transposed:  # work in the smaller dimension: the basis lives in R^m, m ≤ n
@@ -455,17 +478,22 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
     k = spec.block_width(r)
     if k >= m:
         return exact_svd(W, r)
-    dtype = resolve_sketch_dtype(spec, A.device)
+    dtype = torch.float32 if start is not None else resolve_sketch_dtype(spec, A.device)
     S = _KrylovCopy(W.detach(), dtype, transposed)
-    generator = torch.Generator(device=A.device).manual_seed(spec.seed)
-    omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
-    basis = _orth(S.times(omega))  # (B, m, K), K grows by k per block
+    if start is None:
+        generator = torch.Generator(device=A.device).manual_seed(spec.seed)
+        omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
+        basis = _orth(S.times(omega))  # (B, m, K), K grows by k per block
+    else:
+        basis = _orth(start)
     AAt = S.aat(basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
     out: list[SVDFactors | None] = [None] * B
     todo = torch.arange(
         B, device=A.device
-    )  # matrices still iterating (rows of A), their rows in S, basis and AAt
-    q = 0
+    )  # matrices still iterating (rows of A); their rows of S, basis, AAt
+    previous = torch.full(
+        (B,), torch.inf, device=A.device
+    )  # each matrix's σ error estimate at the last check
     while True:
         if q >= spec.power_iters:
             # Rayleigh–Ritz on the Krylov basis: G = basisᵀ A Aᵀ basis, Ritz vectors u = basis y, and the residual
@@ -484,7 +512,11 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
             met = _met(sigma_err, agreement, spec)
             full = basis.shape[-1] + k >= m  # one more block would span the whole column space
             last = q >= spec.max_power_iters
-            ready = (met | full | last).nonzero().flatten()
+            # a low-precision basis whose estimate stopped improving (less than halved by the last block) is at the
+            # precision's limit: refine it in float32 now rather than add blocks
+            stalled = (sigma_err > previous / 2) if dtype != torch.float32 else torch.zeros_like(met)
+            previous = sigma_err
+            ready = (met | full | last | stalled).nonzero().flatten()
             if len(ready):
                 rows = todo[ready]
                 A_ready = A if len(rows) == B else A[rows]  # (a copy only when some matrices go on iterating)
@@ -498,7 +530,16 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
             finished = torch.zeros(len(todo), dtype=torch.bool, device=A.device)
             for j, i in enumerate(ready.tolist()):
                 if not bool(good[j]) and not last and not full:
-                    continue  # the float32 estimate asks for another block
+                    if dtype == torch.float32:
+                        continue  # the float32 estimate asks for another block
+                    # The low-precision estimate was met but the float32 one is not: the bfloat16 products cannot
+                    # resolve this matrix's top r (a steep spectrum at large r: σ_r near σ₁'s rounding error, where
+                    # more blocks barely help: a 4096² weight with σᵢ ∝ i^-0.7 at r = 128 took 12 blocks, 14.7 s).
+                    # It goes on alone in float32 from its refined Ritz vectors.
+                    row = int(todo[i])
+                    finished[i] = True
+                    (out[row],) = _krylov(W[row : row + 1], r, spec, start=Y[j : j + 1], q=q + 1)
+                    continue
                 finished[i] = True
                 if not bool(good[j]) and not last:  # the exact SVD costs about as much now
                     row = int(todo[i])
@@ -510,7 +551,7 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
             if not len(keep):
                 break
             if len(keep) < len(todo):
-                todo, basis, AAt = todo[keep], basis[keep], AAt[keep]
+                todo, basis, AAt, previous = todo[keep], basis[keep], AAt[keep], previous[keep]
                 S.select(keep)
         # next Krylov block: A Aᵀ times the last one, orthogonalised twice against the whole basis (fp32 CGS2)
         Z = AAt[..., -k:]  # (B, m, k)
@@ -519,20 +560,7 @@ def randomized_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> list
         block = _orth(Z)
         basis, AAt = torch.cat([basis, block], -1), torch.cat([AAt, S.aat(block)], -1)
         q += 1
-    factors = [f for f in out if f is not None]
-    for f in factors:
-        acc = f.accuracy
-        if acc is not None and not _meets(acc, spec):
-            warnings.warn(
-                f"OSoRA randomized SVD of a {tuple(W.shape[-2:])} weight at r={r} after {acc.power_iters} Krylov "
-                f"blocks: estimated max relative singular-value error {acc.sigma_rel_err:.2e} (tolerance "
-                f"{spec.sigma_tolerance:.0e}), subspace agreement {acc.subspace_agreement:.4f} (tolerance "
-                f"{1 - spec.subspace_tolerance:.4f}). Raise svd_oversample or svd_max_power_iters, or use "
-                "init_method='exact'.",
-                SVDAccuracyWarning,
-                stacklevel=3,
-            )
-    return factors
+    return [f for f in out if f is not None]
 
 
 def _met(sigma_err: torch.Tensor, agreement: torch.Tensor, spec: SVDSpec) -> torch.Tensor:

@@ -40,8 +40,10 @@ to first order, outside the basis, among directions whose singular values are at
 
 The gaps are taken from the Ritz values themselves, so these are estimates rather than certificates; the
 benchmark (benchmarks/svd_init.py) reports them next to the true errors. While a matrix's estimate misses its
-tolerance, its basis grows by one block (up to ``max_power_iters`` blocks after the first); if it still misses,
-an :class:`SVDAccuracyWarning` gives the figure.
+tolerance, its basis grows by one block (up to ``max_power_iters`` blocks after the first); a bfloat16 basis
+whose estimate stops improving (the precision's limit: σ_r too small next to σ₁'s rounding error) is refined in
+float32 instead, and a matrix whose float32 estimate then misses goes on alone with float32 products from its Ritz
+vectors. If the last block still misses, an :class:`SVDAccuracyWarning` gives the figure.
 """
 
 from __future__ import annotations
@@ -488,12 +490,10 @@ def _krylov(
         basis = _orth(start)
     AAt = S.aat(basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
     out: list[SVDFactors | None] = [None] * B
-    todo = torch.arange(
-        B, device=A.device
-    )  # matrices still iterating (rows of A); their rows of S, basis, AAt
-    previous = torch.full(
-        (B,), torch.inf, device=A.device
-    )  # each matrix's σ error estimate at the last check
+    # the matrices still iterating (rows of A; their rows of S, basis and AAt follow them), and each one's σ error
+    # estimate at the last check
+    todo = torch.arange(B, device=A.device)
+    previous = torch.full((B,), torch.inf, device=A.device)
     while True:
         if q >= spec.power_iters:
             # Rayleigh–Ritz on the Krylov basis: G = basisᵀ A Aᵀ basis, Ritz vectors u = basis y, and the residual
@@ -532,10 +532,10 @@ def _krylov(
                 if not bool(good[j]) and not last and not full:
                     if dtype == torch.float32:
                         continue  # the float32 estimate asks for another block
-                    # The low-precision estimate was met but the float32 one is not: the bfloat16 products cannot
-                    # resolve this matrix's top r (a steep spectrum at large r: σ_r near σ₁'s rounding error, where
-                    # more blocks barely help: a 4096² weight with σᵢ ∝ i^-0.7 at r = 128 took 12 blocks, 14.7 s).
-                    # It goes on alone in float32 from its refined Ritz vectors.
+                    # The low-precision estimate was met (or stalled) but the float32 one misses: the bfloat16
+                    # products cannot resolve this matrix's top r (a steep spectrum at large r: σ_r near σ₁'s
+                    # rounding error, where more blocks barely help: a 4096² weight with σᵢ ∝ i^-0.7 at r = 128 took
+                    # 12 blocks, 14.7 s). It goes on alone in float32 from its refined Ritz vectors.
                     row = int(todo[i])
                     finished[i] = True
                     (out[row],) = _krylov(W[row : row + 1], r, spec, start=Y[j : j + 1], q=q + 1)

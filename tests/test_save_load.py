@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import osora
-from osora.checkpoint import atomic_directory
+from osora.checkpoint import CHECKSUM_KEY, atomic_directory, tensors_checksum
 from osora.export import save_as_lora, save_merged, save_residual
 
 from conftest import logits, tiny_inputs, tiny_model
@@ -67,6 +70,7 @@ def test_fresh_process_round_trip_and_plain_peft_exports(tmp_path: Path) -> None
         "osora_S",
         "osora_O",
         "osora_fingerprint",
+        "osora_trained_sigma",
         "osora_checksum",
     }
 
@@ -139,6 +143,43 @@ def test_corrupt_adapter_file_gives_a_clear_error_and_leaves_the_base_untouched(
     with pytest.raises(osora.AdapterFileError, match="adapter_model.safetensors"):
         PeftModel.from_pretrained(base, tmp_path / "a")
     assert {n: type(m) for n, m in base.named_modules()} == before
+
+
+def test_compact_adapter_warns_when_its_recomputed_factors_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import osora.factors
+
+    compact = trained_model(save_factors=False)
+    osora.save_adapter(compact, tmp_path / "a")
+    with warnings.catch_warnings():  # the same software recomputes the same factors: no warning
+        warnings.simplefilter("error", UserWarning)
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    # a compact file saved before σ was stored loads as before: no check, no missing-key warning
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "a", old)
+    tensors = load_file(old / "adapter_model.safetensors")
+    tensors = {k: v for k, v in tensors.items() if "osora_trained_sigma" not in k and k != CHECKSUM_KEY}
+    save_file({**tensors, CHECKSUM_KEY: tensors_checksum(tensors)}, old / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PeftModel.from_pretrained(tiny_model("llama"), old)
+
+    real = osora.factors.batched_top_r_svd
+
+    def changed_svd(*args: object, **kwargs: object) -> list[object]:  # another SVD's last digits
+        factors = real(*args, **kwargs)  # type: ignore[arg-type]
+        return [dataclasses.replace(f, sigma=f.sigma * (1 + 1e-4)) for f in factors]
+
+    monkeypatch.setattr(osora.factors, "batched_top_r_svd", changed_svd)
+    with pytest.warns(
+        UserWarning, match=r"differ from those it was trained with in \d+ of \d+ matrices .*1\.0e-04"
+    ):
+        loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    layer = next(m for m in loaded.modules() if isinstance(m, osora.OSoRALayer))
+    torch.testing.assert_close(  # the buffer holds σ as trained with, for the next save
+        layer.osora_trained_sigma["default"] * (1 + 1e-4), layer.osora_sigma["default"], rtol=1e-6, atol=0
+    )
 
 
 def test_saved_factors_are_reused_not_recomputed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,7 @@ class OSoRALayer(BaseTunerLayer):
         "osora_Vh",
         "osora_sigma",
         "osora_fingerprint",
+        "osora_trained_sigma",
         "osora_dropout",
         "o_dim",
         "s_parametrization",
@@ -65,6 +66,8 @@ class OSoRALayer(BaseTunerLayer):
         self.osora_Vh = FactorDict({}, persistent=True)
         self.osora_sigma = FactorDict({}, persistent=True)
         self.osora_fingerprint = FactorDict({}, persistent=True)
+        # compact adapters only: σ as trained with, checked against the recomputed σ when the file is loaded
+        self.osora_trained_sigma = FactorDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -137,6 +140,8 @@ class OSoRALayer(BaseTunerLayer):
         self.osora_Vh.set(adapter_name, found.Vh, persistent=config.save_factors)
         self.osora_sigma.set(adapter_name, found.sigma, persistent=config.save_factors)
         self.osora_fingerprint.set(adapter_name, fingerprint, persistent=True)
+        if not config.save_factors:
+            self.osora_trained_sigma.set(adapter_name, found.sigma.clone(), persistent=True)
         o_size = self.out_features if config.o_dim == "output" else self.in_features
         self.osora_S[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device))
         self.osora_O[adapter_name] = nn.Parameter(torch.ones(o_size, device=weight.device))

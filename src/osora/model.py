@@ -356,7 +356,50 @@ class OSoRAModel(BaseTuner):
                 f"compact OSoRA adapter '{adapter_name}' has fingerprints for {checked} of {expected} adapted "
                 "matrices; the file is incomplete or was saved from a different model"
             )
+        if not save_factors:
+            _check_recomputed_sigma(layers, remapped, adapter_name)
         return remapped
+
+
+#: Largest relative difference between a compact adapter's recomputed σ and the σ it was trained with that counts
+#: as the same factors (recomputation on the same software is bit-identical; another BLAS can differ by ~1e-7).
+SIGMA_CHECK_TOLERANCE = 1e-5
+
+
+def _check_recomputed_sigma(
+    layers: dict[str, OSoRALayer], remapped: dict[str, torch.Tensor], adapter_name: str
+) -> None:
+    """Warn when the factors a compact adapter recomputed on load are not those it was trained with.
+
+    Compact files carry no factors, only σ as trained with (``osora_trained_sigma``). A difference means that
+    another osora version (a changed SVD), SVD backend or device computed the factors: the adapter still loads,
+    and its outputs differ slightly. Files saved before σ was stored are not checked: their entries are filled in
+    with the recomputed σ (so peft reports no missing keys).
+    """
+    suffix = f".osora_trained_sigma.{adapter_name}"
+    for name, own in layers.items():
+        if adapter_name in own.osora_trained_sigma and name + suffix not in remapped:
+            remapped[name + suffix] = own.osora_trained_sigma[adapter_name]
+    worst, where, differing, compared = 0.0, "", 0, 0
+    for key, trained in remapped.items():
+        layer = layers.get(key.removesuffix(suffix)) if key.endswith(suffix) else None
+        if layer is None or adapter_name not in layer.osora_sigma:
+            continue
+        now, before = layer.osora_sigma[adapter_name].float().cpu(), trained.float().cpu()
+        compared += 1
+        gap = float(((now - before).abs() / before.abs().clamp_min(torch.finfo(torch.float32).tiny)).max())
+        if gap > SIGMA_CHECK_TOLERANCE:
+            differing += 1
+            if gap > worst:
+                worst, where = gap, key.removesuffix(suffix).removeprefix("base_model.model.")
+    if differing:
+        warnings.warn(
+            f"OSoRA: the factors recomputed for compact adapter '{adapter_name}' differ from those it was trained "
+            f"with in {differing} of {compared} matrices (largest relative σ difference {worst:.1e}, at '{where}'): "
+            "another osora version, SVD backend or device computed them. The adapter's outputs differ slightly "
+            "from the trained model's; save adapters with save_factors=True to carry the exact factors.",
+            stacklevel=3,
+        )
 
 
 def _check_fingerprints_before_svd(model: nn.Module, config: OSoRAConfig, adapter_name: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from osora.app.config import DataConfig
 from osora.app.data import (
     PAPER_TEMPLATE,
+    DataError,
     build_train_dataset,
     detect_format,
     few_shot_prefix,
@@ -124,3 +125,27 @@ def test_chat_template_prompt(tokenizer) -> None:
         assert example["input_ids"][:n_prompt] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     finally:
         tokenizer.chat_template = None
+
+
+def test_local_json_records_keep_their_strings(tmp_path: Path) -> None:
+    """ISO-date strings stay strings (pyarrow's JSON reader would make them timestamps), ints stay ints; a field
+    that changes type and a non-object line are named with their line."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"instruction": "When?", "output": "1938-11-06", "n": 1}\n{"instruction": "x", "output": "2001"}\n'
+    )
+    assert load_records(str(path)) == [
+        {"instruction": "When?", "output": "1938-11-06", "n": 1},
+        {"instruction": "x", "output": "2001", "n": None},
+    ]
+    listed = tmp_path / "d.json"
+    listed.write_text('[{"q": "a", "a": "2020-01-01T10:00:00"}]')
+    assert load_records(str(listed)) == [{"q": "a", "a": "2020-01-01T10:00:00"}]
+    path.write_text('{"output": "a"}\n{"output": 3}\n')
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:2: field 'output' is a number, but a string at .*d\.jsonl:1"
+    ):
+        load_records(str(path))
+    path.write_text('{"output": "a"}\n[1]\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: a record must be a JSON object"):
+        load_records(str(path))

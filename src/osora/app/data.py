@@ -71,23 +71,25 @@ _JSON_TYPES = {
 }
 
 
-def find_malformed_line(path: Path) -> str:
-    """Why ``path`` (JSON Lines, or one JSON list) cannot be read as records: "FILE:LINE: problem", or "" if it can.
+def read_json_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file, or of one JSON list, as parsed by ``json`` (strings stay strings: pyarrow's
+    JSON reader, behind ``datasets.load_dataset("json")``, turns ISO-date strings such as "1938-11-06" into
+    timestamps, and a model would then train on "1938-11-06 00:00:00").
 
-    Called after ``datasets`` failed, so that the user sees the file and line rather than pyarrow's message: a line
-    that is not JSON, not an object, or whose field changes type from the earlier lines (pyarrow needs one type).
+    Raises:
+        DataError: "FILE:LINE: problem" for a line that is not JSON, not an object, or whose field changes type from
+            the earlier lines (a column needs one type); an empty file.
     """
     text = path.read_text(errors="replace")
     if not text.strip():
-        return f"{path}: the file is empty; point data.path/eval.path at a file with records"
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # one JSON document holding a list of records
+        raise DataError(f"{path}: the file is empty; point data.path/eval.path at a file with records")
+    if text.lstrip().startswith("["):  # one JSON document holding a list of records
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            return f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file"
+            raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file") from None
         if not isinstance(records, list):
-            return f"{path}: a JSON file must hold a list of records, got {type(records).__name__}"
+            raise DataError(f"{path}: a JSON file must hold a list of records, got {type(records).__name__}")
         lines: list[tuple[str, Any]] = [(f"{path} (record {i})", r) for i, r in enumerate(records, start=1)]
     else:
         lines = []
@@ -97,19 +99,25 @@ def find_malformed_line(path: Path) -> str:
             try:
                 lines.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                return f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); fix or remove that line"
+                raise DataError(
+                    f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); fix or remove that line"
+                ) from None
     types: dict[str, tuple[str, str]] = {}
     for where, record in lines:
         if not isinstance(record, dict):
-            return f"{where}: a record must be a JSON object, got {type(record).__name__}; fix or remove it"
+            raise DataError(
+                f"{where}: a record must be a JSON object, got {type(record).__name__}; fix or remove it"
+            )
         for key, value in record.items():
             if value is None:
                 continue
             kind = _JSON_TYPES.get(type(value), type(value).__name__)
             seen = types.setdefault(key, (kind, where))
             if seen[0] != kind:
-                return f"{where}: field {key!r} is {kind}, but {seen[0]} at {seen[1]}; make them agree"
-    return ""
+                raise DataError(
+                    f"{where}: field {key!r} is {kind}, but {seen[0]} at {seen[1]}; make them agree"
+                )
+    return [record for _, record in lines]
 
 
 def load_split(
@@ -132,22 +140,12 @@ def load_split(
 
     local = Path(path).expanduser()
     if local.is_file():
-        json_logger = logging.getLogger("datasets.packaged_modules.json.json")
-        level = json_logger.level
-        json_logger.setLevel(logging.CRITICAL)  # its parse error names no line; ours below does
-        try:
-            ds = datasets.load_dataset("json", data_files=str(local), split="train")
-        except Exception as error:  # pyarrow / datasets raise many types; say which line is wrong instead
-            problem = find_malformed_line(local)
-            if not problem:
-                raise
-            raise DataError(problem) from error
-        finally:
-            json_logger.setLevel(level)
-        if len(ds) == 0:
+        records = read_json_records(local)
+        if not records:
             raise DataError(
                 f"{path}: the file holds no records; point data.path/eval.path at a non-empty file"
             )
+        ds = datasets.Dataset.from_list(records)
     elif local.exists() or path.startswith((".", "/", "~")) or local.suffix in {".json", ".jsonl"}:
         what = "is a directory, not a .json/.jsonl file" if local.exists() else "no such file or directory"
         raise DataError(f"{path}: {what}")

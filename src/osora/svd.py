@@ -274,9 +274,16 @@ def _lapack_top_eigenpairs(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarra
     LAPACK ``ssyevr`` from scipy's table of LAPACK function pointers (``scipy.linalg.cython_lapack``), called
     through ctypes, which releases the GIL for the call: ``scipy.linalg.eigh`` holds it, which serialised the
     threads of :func:`batched_top_r_svd` (two threads took exactly as long as one for SmolLM2-135M's 576 × 576
-    Gram matrices).
+    Gram matrices). Where scipy has no such table (another build), ``scipy.linalg.eigh`` with the same driver.
     """
     m = G.shape[0]
+    if _ssyevr() is None:
+        import scipy.linalg
+
+        w, v = scipy.linalg.eigh(
+            G, subset_by_index=[m - r, m - 1], driver="evr", overwrite_a=True, check_finite=False
+        )
+        return w[::-1].copy(), v[:, ::-1].copy()
     lwork, liwork = _ssyevr_workspace(m)
     w = np.empty(m, np.float32)
     z = np.empty((r, m), np.float32)  # column-major (m, r): row j is eigenvector j
@@ -330,10 +337,14 @@ def _ssyevr_call(
 
 @functools.cache
 def _ssyevr() -> Any:
-    """LAPACK's ssyevr as a ctypes function (21 pointer arguments, Fortran convention)."""
-    from scipy.linalg import cython_lapack
+    """LAPACK's ssyevr as a ctypes function (21 pointer arguments, Fortran convention); None where scipy's Cython
+    LAPACK table is not there."""
+    try:
+        from scipy.linalg import cython_lapack
 
-    capsule = cython_lapack.__pyx_capi__["ssyevr"]
+        capsule = cython_lapack.__pyx_capi__["ssyevr"]
+    except (ImportError, AttributeError, KeyError):
+        return None
     name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
     address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
         ("PyCapsule_GetPointer", ctypes.pythonapi)

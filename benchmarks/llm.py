@@ -37,6 +37,7 @@ Example (the CPU preset, one invocation, resumable):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -272,24 +273,55 @@ def prompt_ids(tokenizer: Any, record: dict[str, Any], fmt: str) -> list[int]:
     return tokenizer(make_prompt(record, fmt, "chat", tokenizer), add_special_tokens=False)["input_ids"]
 
 
-def choice_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
-    """Accuracy of the log-likelihood ranking of each question's options."""
-    requests, answers = [], []
+def choice_predictions(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
+) -> list[str]:
+    """The option each question's log-likelihood ranking picks ("answer2", "true", …), in record order."""
+    requests, options = [], []
     for record in records:
-        options = answer_options(record)
-        ids = [tokenizer(option_response(record, o), add_special_tokens=False)["input_ids"] for o in options]
+        options.append(answer_options(record))
+        ids = [
+            tokenizer(option_response(record, o), add_special_tokens=False)["input_ids"] for o in options[-1]
+        ]
         requests.append(choice_request(prompt_ids(tokenizer, record, "commonsense"), ids))
-        answers.append(options.index(str(record["answer"]).strip().lower()))
     pad = tokenizer.pad_token_id
     fast = [q for q in requests if q.tokens]
     rows = iter(next_token_logprobs(model, [q.context for q in fast], pad, batch_size))
     slow = [pair for q in requests for pair in q.sequences]
     sums = iter(s for s, _ in response_logprobs(model, slow, pad, batch_size))
-    correct = 0
-    for q, answer in zip(requests, answers):
+    picks = []
+    for q, opts in zip(requests, options):
         scores = [float(v) for v in next(rows)[q.tokens]] if q.tokens else [next(sums) for _ in q.sequences]
-        correct += pick_option(scores) == answer
-    return correct / len(records)
+        picks.append(opts[pick_option(scores)])
+    return picks
+
+
+def reference_answer(record: dict[str, Any]) -> str:
+    return str(record["answer"]).strip().lower()
+
+
+def choice_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
+    """Accuracy of the log-likelihood ranking of each question's options."""
+    picks = choice_predictions(model, tokenizer, records, batch_size)
+    return statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records))
+
+
+def majority_baseline(data: dict[str, Any]) -> dict[str, float]:
+    """Test accuracy (0–1) of always giving the answer most common among a set's training records (no model), per
+    test set and their average: what a run that learned only the answer distribution scores."""
+    out = {}
+    for name, records in data["test"].items():
+        counts = collections.Counter(reference_answer(r) for r in data["train"] if r["set"] == name)
+        answer = min(counts, key=lambda a: (-counts[a], a))
+        out[name] = statistics.fmean(reference_answer(r) == answer for r in records)
+    out["average"] = statistics.fmean(out.values())
+    return out
+
+
+def top_pick_share(picks: dict[str, dict[str, int]]) -> float:
+    """The share (0–1) of a set's questions given its most frequent pick, averaged over the sets: 1 when a model
+    answers every question of each set alike, 1 / options when it spreads its answers evenly."""
+    return statistics.fmean(max(c.values()) / sum(c.values()) for c in picks.values())
 
 
 def reference_nll(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
@@ -393,10 +425,11 @@ def run_one(
     evaluated = time.time()
     if task == "commonsense":
         row["select_acc"] = choice_accuracy(model, tokenizer, data["select"], scale.eval_batch_size)
-        row["test_acc"] = {
-            name: choice_accuracy(model, tokenizer, records, scale.eval_batch_size)
-            for name, records in data["test"].items()
-        }
+        row["test_acc"], row["test_picks"] = {}, {}
+        for name, records in data["test"].items():
+            picks = choice_predictions(model, tokenizer, records, scale.eval_batch_size)
+            row["test_acc"][name] = statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records))
+            row["test_picks"][name] = dict(sorted(collections.Counter(picks).items()))
         row["test_acc"]["average"] = statistics.fmean(row["test_acc"].values())
     else:
         row["select_nll"] = reference_nll(model, tokenizer, data["select"], scale.eval_batch_size)
@@ -485,6 +518,8 @@ def summarise(
         }
         for name in final[0]["test_acc"]:
             row["test"][name] = _mean_std([100 * r["test_acc"][name] for r in final])
+        if all("test_picks" in r for r in final):  # runs written before the picks were kept have none
+            row["top_pick_share"] = statistics.fmean(top_pick_share(r["test_picks"]) for r in final)
         if task == "gsm8k":
             row["test"]["nll"] = _mean_std([r["test_nll"] for r in final])
             row["select_nll_by_lr"] = {
@@ -520,6 +555,7 @@ def markdown(report: dict[str, Any]) -> str:
         if task == "commonsense"
         else "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
     )
+    picks = task == "commonsense"
     lines = [
         f"<!-- generated by benchmarks/llm.py from {report['output_json']}; do not edit by hand -->",
         f"**{task}** ({cfg['scale_name']} scale), `{cfg['model']}`: {scale['steps']} steps × {scale['batch_size']} "
@@ -531,14 +567,23 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| method | "
         + " | ".join(names.get(s, s) for s in sets)
+        + (" | top pick (%)" if picks else "")
         + " | trainable params | adapter bytes | lr (grid done) | seeds | train time (s) | peak mem (MB) |",
-        "|---|" + "---|" * (len(sets) + 6),
+        "|---|" + "---|" * (len(sets) + 6 + picks),
     ]
+    if "majority" in report:
+        lines.append(
+            "| majority answer (no model) | "
+            + " | ".join(f"{100 * report['majority'][s]:.1f}" for s in sets)
+            + " | 100 | 0 | 0 | – | – | – | – |"
+        )
     for row in report["summary"]:
         cells = []
         for s in sets:
             mean, std = row["test"][s]
             cells.append(f"{mean:.3f} ± {std:.3f}" if s == "nll" else f"{mean:.1f} ± {std:.1f}")
+        if picks:
+            cells.append(f"{100 * row['top_pick_share']:.0f}" if "top_pick_share" in row else "–")
         grid_text = (
             "–"
             if row["grid"] == [0.0]
@@ -560,6 +605,16 @@ def markdown(report: dict[str, Any]) -> str:
         "(model load and training; scoring not included), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
         "shared CPU both are noisy.",
         "",
+    ]
+    if picks:
+        lines += [
+            '"majority answer": every test question given the answer most common among its set\'s training records; '
+            'a run at or below it has learned no more than the answer distribution. "top pick": the share of a test '
+            "set's questions given the run's most frequent answer, averaged over the four sets (100: one answer for "
+            'everything; 31: answers spread evenly over each set\'s options); "–": a run written before the picks were kept.',
+            "",
+        ]
+    lines += [
         f"Command (resumable; {len(report['runs'])} runs so far): `{report['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -574,6 +629,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     task = report["task"]
     key = headline(task)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if "majority" in report:
+        ax.axhline(
+            100 * report["majority"][key], color="grey", ls=":", lw=1, label="majority answer (no model)"
+        )
     for row in report["summary"]:
         mean, std = row["test"][key]
         if row["trainable_params"] == 0:
@@ -732,9 +791,12 @@ def main(argv: list[str] | None = None) -> int:
             plot(result, png_path)
             readme_path.write_text(markdown(result))
 
+    data = load_data(args.task, args.data_dir, scale, args.data_seed)
+    if args.task == "commonsense":
+        results["majority"] = majority_baseline(data)
     if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
         if earlier:
-            save(earlier)
+            save(earlier | {k: results[k] for k in ("majority",) if k in results})
         return 0
     if args.threads:
         import torch
@@ -753,7 +815,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     command = " ".join(["python", "benchmarks/llm.py", *(sys.argv[1:] if argv is None else argv)])
     record = BenchmarkRecord("llm", config, command=command)  # provenance taken before anything is written
-    data = load_data(args.task, args.data_dir, scale, args.data_seed)
     started, new = time.time(), 0
     while todo := schedule(args.task, runs, args.methods, scale):
         if time.time() - started > args.time_budget or (args.max_runs and new >= args.max_runs):

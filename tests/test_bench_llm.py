@@ -83,8 +83,22 @@ def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
             for o in options
         ]
         scores = [s for s, _ in llm.response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=1)]
-        brute.append(llm.pick_option(scores) == options.index(record["answer"]))
-    assert llm.choice_accuracy(model, tokenizer, records, batch_size=2) == pytest.approx(sum(brute) / 3)
+        brute.append(options[llm.pick_option(scores)])
+    assert llm.choice_predictions(model, tokenizer, records, batch_size=2) == brute
+    right = sum(b == r["answer"] for b, r in zip(brute, records))
+    assert llm.choice_accuracy(model, tokenizer, records, batch_size=2) == pytest.approx(right / 3)
+
+
+def test_majority_baseline_answers_each_sets_most_common_training_answer():
+    arc3 = {**ARC, "answer": "answer3"}
+    data = {
+        "train": [{**ARC, "set": "arc_e"}] * 2 + [{**arc3, "set": "arc_e"}] + [{**BOOLQ, "set": "boolq"}],
+        "test": {"arc_e": [ARC, arc3, arc3, arc3], "boolq": [BOOLQ, {**BOOLQ, "answer": "false"}]},
+    }
+    assert llm.majority_baseline(data) == {"arc_e": 0.25, "boolq": 0.5, "average": 0.375}
+    tie = {"train": [{**ARC, "set": "arc_e"}, {**arc3, "set": "arc_e"}], "test": {"arc_e": [arc3]}}
+    assert llm.majority_baseline(tie)["arc_e"] == 0.0  # a tie goes to the first answer by name
+    assert llm.top_pick_share({"arc_e": {"answer1": 3, "answer2": 1}, "boolq": {"true": 4}}) == 0.875
 
 
 def test_response_logprobs_batched_equals_one_by_one():
@@ -157,8 +171,15 @@ def test_summary_and_table():
         "output_json": "x.json",
     }
     table = llm.markdown(report)
-    assert "| osora-r32 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.5 ± 0.7 | 100 |" in table
-    assert "| base |" in table and "5 runs so far" in table
+    assert "| osora-r32 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.5 ± 0.7 | – | 100 |" in table
+    assert "| base |" in table and "5 runs so far" in table and "majority answer (no model)" not in table
+    for r in runs:  # runs that kept their picks: the top-pick share of the rows' runs, averaged
+        r["test_picks"] = {s: {"a": 3, "b": 1} if r["seed"] else {"a": 4} for s in llm.COMMONSENSE_SETS}
+    report["summary"] = llm.summarise("commonsense", runs, ["base", "osora-r32"], SCALE)
+    report["majority"] = {**{s: 0.25 for s in llm.COMMONSENSE_SETS}, "average": 0.25}
+    table = llm.markdown(report)
+    assert "| majority answer (no model) | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 100 | 0 |" in table
+    assert "| 50.5 ± 0.7 | 88 | 100 |" in table  # (75 % + 100 %) / 2
 
 
 def _commonsense_dir(tmp_path: Path) -> Path:
@@ -192,6 +213,7 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     report = json.loads(result.read_text())
     assert report["config"]["setup"]["train_size"] == 4 and report["provenance"]["git"]["commit"]
     assert list(report)[:6] == list(RECORD_KEYS)
+    assert report["majority"]["average"] == 1.0  # every fake record has the same answer
     assert (tmp_path / "README_llm_commonsense_cpu.md").read_text() == llm.render(result)
     assert result.with_suffix(".png").is_file()
     assert llm.main([*argv, "--seeds", "0", "1", "2"]) == 0  # another seed: the same setup, one more run
@@ -284,3 +306,6 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
         assert row["test_nll"] > 0 and len(row["completion_samples"]) == 2
     else:
         assert set(row["test_acc"]) == {"arc_e", "boolq", "average"}
+        picks = row["test_picks"]
+        assert sum(picks["arc_e"].values()) == 2 and set(picks["boolq"]) <= {"true", "false"}
+        assert row["test_acc"]["boolq"] == picks["boolq"].get("true", 0)  # its one record's answer is true

@@ -234,15 +234,17 @@ def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], 
     import torch
 
     out: list[tuple[float, int]] = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for batch in _batches(pairs, batch_size):
             ids, mask = _right_pad([p + r for p, r in batch], pad)
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (batch, seq, vocab)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, seq, vocab)
             for i, (p, r) in enumerate(batch):
                 logp = torch.log_softmax(
                     logits[i, len(p) - 1 : len(p) + len(r) - 1].float(), -1
-                )  # (len(r), vocab)
-                out.append((float(logp.gather(1, torch.tensor(r)[:, None]).sum()), len(r)))
+                )  # (len(r), vocab), on the model's device
+                picked = logp.gather(1, torch.tensor(r, device=device)[:, None])
+                out.append((float(picked.sum()), len(r)))
     return out
 
 
@@ -254,6 +256,7 @@ def next_token_logprobs(model: Any, contexts: Sequence[list[int]], pad: int, bat
     import torch
 
     rows = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for batch in _batches(contexts, batch_size):
             width = max(len(c) for c in batch)
@@ -261,9 +264,12 @@ def next_token_logprobs(model: Any, contexts: Sequence[list[int]], pad: int, bat
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in batch])
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=1,
             ).logits
-            rows += list(torch.log_softmax(logits[:, -1].float(), -1))  # (batch, vocab)
+            rows += list(torch.log_softmax(logits[:, -1].float(), -1).cpu())  # (batch, vocab)
     return rows
 
 
@@ -421,6 +427,8 @@ def run_one(
         row["adapter_bytes"] = 4 * row["trainable_params"]  # the whole fp32 model is the "adapter"
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # scoring on merged weights: no adapter cost per token
+    if torch.cuda.is_available():  # Trainer moved a trained model there; the base model is scored there too
+        model = model.cuda()
     model.eval()
     evaluated = time.time()
     if task == "commonsense":

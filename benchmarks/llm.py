@@ -30,6 +30,9 @@ invocations; ``--time-budget`` stops starting new runs. The README table (``benc
 placed by ``benchmarks/update_readme.py``, whose ``--check`` regenerates it from the JSON) and a PNG of accuracy
 against trainable parameters (log x) are rewritten from the JSON after every run.
 
+``--workers N`` trains N runs at once, each in its own spawned process: meant for a GPU, where one run of a 135M
+model uses a fraction of the device (on 2 CPU cores, keep 1).
+
 Example (the CPU preset, one invocation, resumable):
     nice -n 19 python benchmarks/llm.py --task commonsense --scale cpu
 """
@@ -45,7 +48,8 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -399,7 +403,9 @@ def run_one(
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
-                output_dir=str(Path(args.work_dir) / "trainer"),
+                output_dir=str(
+                    Path(args.work_dir) / f"trainer-{key}-{lr:g}-{seed}"
+                ),  # one per concurrent run
                 max_steps=scale.steps,
                 learning_rate=lr,
                 lr_scheduler_type="cosine",
@@ -751,8 +757,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="torch CPU threads (0: torch's default); on an oversubscribed CPU 1 is several times faster",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process (on one GPU a 135M model uses a fraction of it); "
+        "1: one after another in this process",
+    )
     p.add_argument("--render", action="store_true", help="only rewrite the table and plot from the JSON")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     if args.data_dir is None:  # ../shared/data next to the checkout (or next to the folder of worktrees)
         found = [d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()]
         args.data_dir = (found[0] if found else ROOT.parent / "shared" / "data") / args.task
@@ -828,24 +843,72 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "commonsense":
         results["majority"] = majority_baseline(data)
     started, new = time.time(), 0
-    while todo := schedule(args.task, runs, args.methods, scale):
-        if time.time() - started > args.time_budget or (args.max_runs and new >= args.max_runs):
-            print(f"stopping: budget reached; {len(todo)} runs left (run the same command again)", flush=True)
-            break
-        key, lr, seed = todo[0]
-        print(f"run {key} lr={lr:g} seed={seed} ({len(todo)} left)", flush=True)
-        row = run_one(args.task, key, lr, seed, args, scale, data)
-        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        row["git"] = record.provenance["git"]
-        runs.append(row)
-        new += 1
-        print(
-            json.dumps({k: v for k, v in row.items() if k not in {"loss_curve", "completion_samples"}}),
-            flush=True,
-        )
-        save(record.finish(**results))
+    running: dict[Future[dict[str, Any]], tuple[str, float, int]] = {}
+    with executor(args.workers, args.threads) as pool:
+        while True:
+            todo = [t for t in schedule(args.task, runs, args.methods, scale) if t not in running.values()]
+            over = time.time() - started > args.time_budget or bool(
+                args.max_runs and new + len(running) >= args.max_runs
+            )
+            while todo and not over and len(running) < args.workers:
+                key, lr, seed = todo.pop(0)
+                print(f"run {key} lr={lr:g} seed={seed} ({len(todo) + 1} left)", flush=True)
+                job = pool.submit(run_one, args.task, key, lr, seed, args, scale, data)
+                running[job] = (key, lr, seed)
+            if not running:
+                if todo:
+                    print(f"stopping: budget reached; {len(todo)} runs left (run the same command again)")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for job in finished:
+                del running[job]
+                row = job.result()
+                row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                row["git"] = record.provenance["git"]
+                row["concurrent_runs"] = args.workers
+                runs.append(row)
+                new += 1
+                print(
+                    json.dumps(
+                        {k: v for k, v in row.items() if k not in {"loss_curve", "completion_samples"}}
+                    ),
+                    flush=True,
+                )
+                save(record.finish(**results))
     save(record.finish(**results))
     return 0
+
+
+class InProcess(Executor):
+    """One run at a time in this process (``--workers 1``): :meth:`submit` runs the call before it returns."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        job: Future[Any] = Future()
+        job.set_result(fn(*args, **kwargs))
+        return job
+
+
+def executor(workers: int, threads: int) -> Executor:
+    """Where runs go: this process for one worker, else ``workers`` spawned processes (CUDA needs spawn), each
+    with ``threads`` torch threads. Runs are independent and seeded, so a run's result does not depend on which
+    process trains it; its wall time does (runs that share a GPU or the cores slow each other)."""
+    if workers == 1:
+        return InProcess()
+    import multiprocessing
+
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_threads,
+        initargs=(threads,),
+    )
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

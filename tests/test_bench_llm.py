@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -309,3 +310,36 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
         picks = row["test_picks"]
         assert sum(picks["arc_e"].values()) == 2 and set(picks["boolq"]) <= {"true", "false"}
         assert row["test_acc"]["boolq"] == picks["boolq"].get("true", 0)  # its one record's answer is true
+
+
+def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data_dir = _commonsense_dir(tmp_path / "data")
+    calls: list[tuple[str, float, int]] = []
+
+    def fake_run(task, key, lr, seed, args, scale, data):
+        pickle.dumps((task, key, lr, seed, args, scale, data))  # what a worker process is sent
+        calls.append((key, lr, seed))
+        return _row(key, lr, seed, select=0.5 + lr)
+
+    monkeypatch.setattr(llm, "run_one", fake_run)
+    monkeypatch.setattr(llm, "executor", lambda workers, threads: ThreadPoolExecutor(workers))
+    argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]
+    argv += ["--readme-dir", str(tmp_path), "--methods", "base", "osora-r32", "lora-r8", "--seeds", "0", "1"]
+    argv += ["--train-size", "4", "--select-size", "1", "--test-size", "2", "--workers", "3"]
+    assert llm.main(argv) == 0
+    assert len(calls) == len(set(calls)) == 1 + 3 + 3 + 2  # the grids, then one more seed per method
+    runs = json.loads((tmp_path / "out" / "llm_commonsense_cpu.json").read_text())["runs"]
+    assert len(runs) == 9 and {r["concurrent_runs"] for r in runs} == {3}
+    grid = llm.grids(["osora-r32"], llm.SCALES[("commonsense", "cpu")])["osora-r32"]
+    seeds = [i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 1]
+    assert seeds and seeds[0] > max(i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 0)
+    assert calls[seeds[0]][1] == max(grid)  # the best selection score: the highest rate here
+    with pytest.raises(SystemExit):
+        llm.parse_args(["--task", "gsm8k", "--workers", "0"])
+
+
+def test_worker_processes_import_the_runner():
+    with llm.executor(2, 1) as pool:  # spawned processes: the benchmarks folder is on their path too
+        assert pool.submit(llm.selection_score, "gsm8k", {"select_nll": 0.25}).result(timeout=120) == -0.25

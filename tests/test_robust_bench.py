@@ -70,3 +70,22 @@ def test_glue_quick_writes_under_tmpdir_and_a_full_run_to_the_committed_results(
     assert Path(full.readme) == ROOT / "benchmarks" / "README_glue.md"
     elsewhere = bench.parse_args(["--data-dir", "sst2", "--model", "m", "--out", str(tmp_path / "x")])
     assert Path(elsewhere.readme) == tmp_path / "x" / "README_glue.md"
+
+
+def test_init_cost_names_its_results_by_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling svd_init
+    bench = _load("init_cost")
+    assert bench.result_name("cpu", "float32") == "init_cost"  # the committed CPU table keeps its name
+    assert bench.result_name("cuda", "bfloat16") == "init_cost_cuda_bfloat16"
+    entry = {"time_s": {"median": 1.5, "min": 1.25}, "load_1min": [0.5], "warnings": 0}
+    result = {
+        "provenance": {
+            "hardware": {"cpu": "some cpu", "gpu": "NVIDIA H200", "torch_threads": 16, "cores": 16},
+            "git": {"commit": "0123456789", "dirty": False},
+        },
+        "config": {"reps": 1, "device": "cuda", "dtype": "bfloat16", "layers_7b": 0},
+        "models": {"smollm2": {"label": "SmolLM2", "by_r": {"8": {"lora": entry, "osora": entry}}}},
+    }
+    table = bench.markdown(result)
+    assert table.startswith("NVIDIA H200, bfloat16 weights; commit 01234567;")
+    assert "benchmarks/results/init_cost_cuda_bfloat16.json" in table and "| SmolLM2 | 8 |" in table

@@ -343,3 +343,17 @@ def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monke
 def test_worker_processes_import_the_runner():
     with llm.executor(2, 1) as pool:  # spawned processes: the benchmarks folder is on their path too
         assert pool.submit(llm.selection_score, "gsm8k", {"select_nll": 0.25}).result(timeout=120) == -0.25
+
+
+@pytest.mark.parametrize(("task", "scale"), sorted(llm.SCALES))
+def test_every_preset_fits_the_shared_data(task, scale):
+    """Each preset's training, held-out and test sizes exist in ../shared/data (a GPU run must not stop at once)."""
+    data_dir = ROOT.parent / "shared" / "data" / task
+    if not data_dir.is_dir():
+        pytest.skip(f"{data_dir} is not here")
+    preset = llm.SCALES[(task, scale)]
+    data = llm.load_data(task, data_dir, preset, data_seed=0)
+    assert len(data["train"]) == preset.train_size
+    assert len(data["select"]) == preset.select_size * (
+        len(llm.COMMONSENSE_SETS) if task == "commonsense" else 1
+    )

@@ -430,6 +430,8 @@ def run_one(
     if method.name == "base":
         row["trainable_params"] = 0
     row["adapter_bytes"] = adapter_bytes(model) if method.name not in {"base", "full"} else 0
+    if method.name.startswith("osora"):  # the compact file: S, O and fingerprints, factors recomputed on load
+        row["compact_adapter_bytes"] = adapter_bytes(model, save_factors=False)
     if method.name == "full":
         row["adapter_bytes"] = 4 * row["trainable_params"]  # the whole fp32 model is the "adapter"
     if hasattr(model, "merge_and_unload"):
@@ -527,6 +529,7 @@ def summarise(
             "seeds": sorted(r["seed"] for r in final),
             "trainable_params": final[0]["trainable_params"],
             "adapter_bytes": final[0]["adapter_bytes"],
+            "compact_adapter_bytes": final[0].get("compact_adapter_bytes"),
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in final),
             "peak_memory_mb": max(r["peak_memory_bytes"] for r in final) / 2**20,
             "test": {},
@@ -608,9 +611,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
         train_time = f"{row['train_seconds_mean']:.0f}" if row["trainable_params"] else "–"
         lines.append(
-            f"| {row['method']} | "
-            + " | ".join(cells)
-            + f" | {row['trainable_params']:,} | {row['adapter_bytes']:,} | "
+            f"| {row['method']} | " + " | ".join(cells) + f" | {row['trainable_params']:,} | {_bytes(row)} | "
             f"{grid_text} | {len(row['seeds'])} | {train_time} | {row['peak_memory_mb']:.0f} |"
         )
     lines += [
@@ -618,7 +619,9 @@ def markdown(report: dict[str, Any]) -> str:
         '"lr (grid done)": the picked rate and how many of the grid\'s rates were trained ("edge": the pick is an '
         "end of the grid); a row with fewer than all rates or one seed is unfinished. Train time is wall clock per run "
         "(model load and training; scoring not included), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
-        "shared CPU both are noisy.",
+        "shared CPU both are noisy. Adapter bytes: the file `osora.save_adapter` writes by default (OSoRA's with its "
+        "frozen factors), and for OSoRA rows the compact file (`save_factors=False`: S, O and base-weight "
+        "fingerprints; the factors are recomputed on load).",
         "",
     ]
     if picks:
@@ -633,6 +636,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command (resumable; {len(report['runs'])} runs so far): `{report['command']}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _bytes(row: dict[str, Any]) -> str:
+    compact = row.get("compact_adapter_bytes")
+    return f"{row['adapter_bytes']:,}" + (f" (compact {compact:,})" if compact else "")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

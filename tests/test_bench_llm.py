@@ -181,6 +181,8 @@ def test_summary_and_table():
     table = llm.markdown(report)
     assert "| majority answer (no model) | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 100 | 0 |" in table
     assert "| 50.5 ± 0.7 | 88 | 100 |" in table  # (75 % + 100 %) / 2
+    report["summary"][1]["compact_adapter_bytes"] = 1234
+    assert "| 100 | 400 (compact 1,234) |" in llm.markdown(report)
 
 
 def _commonsense_dir(tmp_path: Path) -> Path:
@@ -302,6 +304,10 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
     row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
     assert row["steps"] == (0 if key == "base" else 2)
     assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
+    if key.startswith("osora"):
+        assert 0 < row["compact_adapter_bytes"] < row["adapter_bytes"]
+    else:
+        assert "compact_adapter_bytes" not in row
     assert 0.0 <= row["test_acc"][next(iter(data["test"]))] <= 1.0
     if task == "gsm8k":
         assert row["test_nll"] > 0 and len(row["completion_samples"]) == 2

@@ -233,3 +233,45 @@ def test_low_cpu_mem_usage_load(save_factors: bool, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "a")
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a", low_cpu_mem_usage=True)
     torch.testing.assert_close(logits(loaded, tiny_inputs()), logits(model, tiny_inputs()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("built_with_factors", [True, False])
+def test_save_adapter_overrides_the_file_mode_and_leaves_the_model_as_it_was(
+    tmp_path: Path, built_with_factors: bool
+) -> None:
+    model = trained_model(save_factors=built_with_factors)
+    ids = tiny_inputs()
+    expected = logits(model, ids)
+    before = set(model.state_dict())
+    osora.save_adapter(model, tmp_path / "compact", save_factors=False)
+    osora.save_adapter(model, tmp_path / "full", save_factors=True)
+    assert (
+        set(model.state_dict()) == before and model.peft_config["default"].save_factors is built_with_factors
+    )
+    kinds = {
+        mode: {k.split(".")[-1] for k in load_file(tmp_path / mode / "adapter_model.safetensors")}
+        for mode in ("compact", "full")
+    }
+    assert kinds["compact"] == {
+        "osora_S",
+        "osora_O",
+        "osora_fingerprint",
+        "osora_trained_sigma",
+        "osora_checksum",
+    }
+    assert kinds["full"] == {
+        "osora_S",
+        "osora_O",
+        "osora_U",
+        "osora_Vh",
+        "osora_sigma",
+        "osora_fingerprint",
+        "osora_checksum",
+    }
+    sizes = {mode: (tmp_path / mode / "adapter_model.safetensors").stat().st_size for mode in kinds}
+    assert sizes["compact"] < sizes["full"] / 2  # tiny matrices: the header is much of it
+    for mode in kinds:
+        config = json.loads((tmp_path / mode / "adapter_config.json").read_text())
+        assert config["save_factors"] is (mode == "full")
+        reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / mode)
+        torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=1e-6)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -155,7 +157,60 @@ def atomic_save_file(
             os.remove(tmp)
 
 
-def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike[str], **kwargs: object) -> None:
-    """``PeftModel.save_pretrained`` made atomic: files are written elsewhere, then moved into place."""
-    with atomic_directory(save_directory) as tmp:
+def save_adapter(
+    model: torch.nn.Module,
+    save_directory: str | os.PathLike[str],
+    save_factors: bool | None = None,
+    **kwargs: object,
+) -> None:
+    """``PeftModel.save_pretrained`` made atomic: files are written elsewhere, then moved into place.
+
+    Args:
+        save_factors: None: each OSoRA adapter as its config says. False: compact files (S, O, the base weights'
+            fingerprints and σ as trained; the factors are recomputed on load) whatever the config says, so an
+            adapter trained with its factors can ship in r + d_out numbers per matrix; True: with the factors.
+            The model itself is left as it was.
+        kwargs: passed to ``save_pretrained``.
+    """
+    with atomic_directory(save_directory) as tmp, _factors_saved(model, save_factors):
         model.save_pretrained(str(tmp), **kwargs)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def _factors_saved(model: torch.nn.Module, save_factors: bool | None) -> Iterator[None]:
+    """Every OSoRA adapter of ``model`` saves its factors (True) or is compact (False) inside the block: the
+    factor buffers' persistence, σ as trained (what a compact file's load checks against) and the configs'
+    ``save_factors``, all restored afterwards. (Duck-typed on the layers' factor dicts: this module sits below
+    the layers.)"""
+    if save_factors is None:
+        yield
+        return
+    undo: list[Callable[[], None]] = []  # run in reverse order afterwards
+    try:
+        for module in model.modules():
+            tables: list[Any] = [getattr(module, n, None) for n in ("osora_U", "osora_Vh", "osora_sigma")]
+            if not all(hasattr(t, "set") for t in tables):
+                continue
+            trained_sigma: Any = module.osora_trained_sigma
+            for name in list(tables[0].keys()):
+                for table in tables:
+                    was = name not in table._non_persistent_buffers_set
+                    undo.append(functools.partial(table.set, name, table[name], persistent=was))
+                    table.set(name, table[name], persistent=save_factors)
+                if name in trained_sigma:  # stored in compact files only
+                    was = name not in trained_sigma._non_persistent_buffers_set
+                    undo.append(
+                        functools.partial(trained_sigma.set, name, trained_sigma[name], persistent=was)
+                    )
+                    trained_sigma.set(name, trained_sigma[name], persistent=not save_factors)
+                elif not save_factors:
+                    trained_sigma.set(name, tables[2][name].clone(), persistent=True)
+                    undo.append(functools.partial(trained_sigma.__delitem__, name))
+        for config in getattr(model, "peft_config", {}).values():
+            if hasattr(config, "save_factors"):
+                undo.append(functools.partial(setattr, config, "save_factors", config.save_factors))
+                config.save_factors = save_factors
+        yield
+    finally:
+        for step in reversed(undo):
+            step()

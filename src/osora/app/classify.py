@@ -320,8 +320,11 @@ def build(method: str, model: nn.Module, head: list[str], spec: MethodSpec | Non
     return peft.get_peft_model(model, peft_config(method, **fields))
 
 
-def save_trained(model: nn.Module, directory: str | os.PathLike[str]) -> int:
-    """Save what a method trains (the PEFT adapter, or the trainable tensors for head/full); return its bytes."""
+def save_trained(
+    model: nn.Module, directory: str | os.PathLike[str], save_factors: bool | None = None
+) -> int:
+    """Save what a method trains (the PEFT adapter, or the trainable tensors for head/full); return its bytes.
+    ``save_factors``: OSoRA's file mode (:func:`osora.save_adapter`; None: as configured)."""
     import peft
 
     import osora
@@ -329,16 +332,16 @@ def save_trained(model: nn.Module, directory: str | os.PathLike[str]) -> int:
 
     directory = Path(directory)
     if isinstance(model, peft.PeftModel):
-        osora.save_adapter(model, directory)
+        osora.save_adapter(model, directory, save_factors=save_factors)
     else:
         tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         atomic_save_file(tensors, directory / "model.safetensors")
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def adapter_bytes(model: nn.Module) -> int:
+def adapter_bytes(model: nn.Module, save_factors: bool | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        return save_trained(model, Path(tmp) / "adapter")
+        return save_trained(model, Path(tmp) / "adapter", save_factors)
 
 
 # -- training and scoring -------------------------------------------------------------------------------------

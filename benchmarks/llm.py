@@ -253,17 +253,20 @@ def response_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], 
     return out
 
 
-def next_token_logprobs(model: Any, contexts: Sequence[list[int]], pad: int, batch_size: int):
-    """log p(next token | context) over the vocabulary, one row per context.
+def next_token_logprobs(
+    model: Any, contexts: Sequence[list[int]], pad: int, batch_size: int, keep: Sequence[list[int]]
+):
+    """log p(token | context) for the tokens ``keep[i]`` of each context i (a CPU tensor per context).
 
-    Left-padded with explicit positions (so padding changes nothing) and the LM head run on the last position only.
+    Left-padded with explicit positions (so padding changes nothing) and the LM head run on the last position only;
+    only the kept entries leave the device (a full-test-set run would otherwise hold 200 KB per question).
     """
     import torch
 
     rows = []
     device = next(model.parameters()).device
     with torch.no_grad():
-        for batch in _batches(contexts, batch_size):
+        for start, batch in enumerate(_batches(contexts, batch_size)):
             width = max(len(c) for c in batch)
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in batch])  # (batch, width)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in batch])
@@ -274,7 +277,9 @@ def next_token_logprobs(model: Any, contexts: Sequence[list[int]], pad: int, bat
                 position_ids=positions.to(device),
                 logits_to_keep=1,
             ).logits
-            rows += list(torch.log_softmax(logits[:, -1].float(), -1).cpu())  # (batch, vocab)
+            logp = torch.log_softmax(logits[:, -1].float(), -1)  # (batch, vocab)
+            first = start * batch_size
+            rows += [logp[i, keep[first + i]].cpu() for i in range(len(batch))]
     return rows
 
 
@@ -297,12 +302,14 @@ def choice_predictions(
         requests.append(choice_request(prompt_ids(tokenizer, record, "commonsense"), ids))
     pad = tokenizer.pad_token_id
     fast = [q for q in requests if q.tokens]
-    rows = iter(next_token_logprobs(model, [q.context for q in fast], pad, batch_size))
+    rows = iter(
+        next_token_logprobs(model, [q.context for q in fast], pad, batch_size, [q.tokens for q in fast])
+    )
     slow = [pair for q in requests for pair in q.sequences]
     sums = iter(s for s, _ in response_logprobs(model, slow, pad, batch_size))
     picks = []
     for q, opts in zip(requests, options):
-        scores = [float(v) for v in next(rows)[q.tokens]] if q.tokens else [next(sums) for _ in q.sequences]
+        scores = [float(v) for v in next(rows)] if q.tokens else [next(sums) for _ in q.sequences]
         picks.append(opts[pick_option(scores)])
     return picks
 

@@ -275,3 +275,6 @@ def test_save_adapter_overrides_the_file_mode_and_leaves_the_model_as_it_was(
         assert config["save_factors"] is (mode == "full")
         reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / mode)
         torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="save_factors must be True, False or None"):
+        osora.save_adapter(model, tmp_path / "bad", save_factors="no")  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()

@@ -185,6 +185,8 @@ def _factors_saved(model: torch.nn.Module, save_factors: bool | None) -> Iterato
     if save_factors is None:
         yield
         return
+    if not isinstance(save_factors, bool):
+        raise TypeError(f"save_factors must be True, False or None, got {save_factors!r}")
     undo: list[Callable[[], None]] = []  # run in reverse order afterwards
     try:
         for module in model.modules():

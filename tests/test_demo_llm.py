@@ -59,7 +59,7 @@ def test_demo_then_generate_end_to_end(
     for row in ("base", "osora r=32", "lora r=8"):
         assert f"\n{row} " in printed, printed
     assert "try the adapter: osora generate" in printed
-    for adapter in ("osora", "osora-as-lora", "lora"):
+    for adapter in ("osora", "osora-as-lora", "osora-compact", "lora"):
         assert (out / "adapters" / adapter / "adapter_config.json").is_file()
     assert (
         json.loads((out / "adapters" / "osora-as-lora" / "adapter_config.json").read_text())["peft_type"]
@@ -71,7 +71,8 @@ def test_demo_then_generate_end_to_end(
     assert len(report["examples"]) == 8 and all("osora" in e and "base" in e for e in report["examples"])
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    for model in (str(out / "adapters" / "osora"), tiny_chat_llama):
+    assert "the osora adapter without its frozen factors" in printed
+    for model in (str(out / "adapters" / "osora"), str(out / "adapters" / "osora-compact"), tiny_chat_llama):
         assert osora(["generate", model, "Write the date 3 May 1987 in the form YYYY-MM-DD.",
                       "--max_new_tokens", "4"]) == 0  # fmt: skip
 

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return encoder_demo.main([a for a in argv if a != "--encoder"])
     args = parse_args(argv)
+    import osora
     from osora import export
 
     from .checkpoints import atomic_write_text
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         adapter_dir = out / "adapters" / method
         if method == "osora":
             export.save_as_lora(model, out / "adapters" / "osora-as-lora")
+            osora.save_adapter(model, out / "adapters" / "osora-compact", save_factors=False)
+            compact = _size(out / "adapters" / "osora-compact")
         predictions = answers(merged_for_inference(model), tokenizer, task.test)
         accuracy = exact_match(predictions, task.test)
         print(
@@ -240,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(rows))
+    if "osora" in args.methods:
+        print(
+            f"the osora adapter without its frozen factors (save_factors=False; recomputed on load): "
+            f"{size_text(compact)} in {out / 'adapters' / 'osora-compact'}"
+        )
     print("\nheld-out answers (reference | base | " + " | ".join(args.methods) + "):")
     for i, record in enumerate(task.test[: args.show]):
         date = record["instruction"].removeprefix("Write the date ").split(" in the form")[0]

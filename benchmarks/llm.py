@@ -266,7 +266,7 @@ def next_token_logprobs(
     rows = []
     device = next(model.parameters()).device
     with torch.no_grad():
-        for start, batch in enumerate(_batches(contexts, batch_size)):
+        for batch, kept in zip(_batches(contexts, batch_size), _batches(keep, batch_size)):
             width = max(len(c) for c in batch)
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in batch])  # (batch, width)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in batch])
@@ -278,8 +278,7 @@ def next_token_logprobs(
                 logits_to_keep=1,
             ).logits
             logp = torch.log_softmax(logits[:, -1].float(), -1)  # (batch, vocab)
-            first = start * batch_size
-            rows += [logp[i, keep[first + i]].cpu() for i in range(len(batch))]
+            rows += [logp[i, tokens].cpu() for i, tokens in enumerate(kept)]
     return rows
 
 
@@ -318,10 +317,13 @@ def reference_answer(record: dict[str, Any]) -> str:
     return str(record["answer"]).strip().lower()
 
 
+def accuracy_of(picks: Sequence[str], records: Sequence[dict[str, Any]]) -> float:
+    return statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records, strict=True))
+
+
 def choice_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
     """Accuracy of the log-likelihood ranking of each question's options."""
-    picks = choice_predictions(model, tokenizer, records, batch_size)
-    return statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records))
+    return accuracy_of(choice_predictions(model, tokenizer, records, batch_size), records)
 
 
 def majority_baseline(data: dict[str, Any]) -> dict[str, float]:
@@ -452,7 +454,7 @@ def run_one(
         row["test_acc"], row["test_picks"] = {}, {}
         for name, records in data["test"].items():
             picks = choice_predictions(model, tokenizer, records, scale.eval_batch_size)
-            row["test_acc"][name] = statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records))
+            row["test_acc"][name] = accuracy_of(picks, records)
             row["test_picks"][name] = dict(sorted(collections.Counter(picks).items()))
         row["test_acc"]["average"] = statistics.fmean(row["test_acc"].values())
     else:

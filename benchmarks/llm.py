@@ -844,15 +844,17 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    # The table keeps every method already run, so running a few rows with --methods does not drop the others.
+    shown = [m for m in ROWS if m in args.methods or any(r["method"] == m for r in runs)]
     config = {
         "scale_name": args.scale,
         "model": args.model,
-        "methods": args.methods,
+        "methods": shown,
         "data_seed": args.data_seed,
         "setup": setup,
         "scale": asdict(scale),
-        "rows": {m: asdict(ROWS[m]) for m in args.methods},
-        "lr_grids": grids(args.methods, scale),
+        "rows": {m: asdict(ROWS[m]) for m in shown},
+        "lr_grids": grids(shown, scale),
         "protocol": __doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
     }
     command = " ".join(["python", "benchmarks/llm.py", *(sys.argv[1:] if argv is None else argv)])

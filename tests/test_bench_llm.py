@@ -224,6 +224,12 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     report = json.loads(result.read_text())
     assert llm.main([*argv[:-2], "--steps", "2"]) == 2  # another setup: refused, nothing overwritten
     assert json.loads(result.read_text())["runs"] == report["runs"]
+    methods_at = argv.index("--methods")
+    only_lora = [*argv[:methods_at], "--methods", "lora-r8", *argv[methods_at + 3 :], "--max-runs", "1"]
+    assert llm.main(only_lora) == 0  # a few rows at a time: the rows run before stay in the table
+    report = json.loads(result.read_text())
+    assert report["config"]["methods"] == ["base", "osora-r32", "lora-r8"]
+    assert [row["method"] for row in report["summary"]] == ["base", "osora-r32", "lora-r8"]
 
 
 def test_update_readme_check_regenerates_llm_tables_from_their_json(tmp_path, monkeypatch):

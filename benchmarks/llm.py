@@ -31,7 +31,7 @@ placed by ``benchmarks/update_readme.py``, whose ``--check`` regenerates it from
 against trainable parameters (log x) are rewritten from the JSON after every run.
 
 ``--workers N`` trains N runs at once, each in its own spawned process: meant for a GPU, where one run of a 135M
-model uses a fraction of the device (on 2 CPU cores, keep 1).
+model uses a fraction of the device (on 2 CPU cores: at most 2, with ``--threads 1``).
 
 Example (the CPU preset, one invocation, resumable):
     nice -n 19 python benchmarks/llm.py --task commonsense --scale cpu
@@ -346,6 +346,14 @@ def top_pick_share(picks: dict[str, dict[str, int]]) -> float:
 
 def reference_nll(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
     """Mean per-token negative log-likelihood of the reference responses (+ EOS, as trained), all tokens pooled."""
+    sums, tokens = reference_nll_sums(model, tokenizer, records, batch_size)
+    return sum(sums) / sum(tokens)
+
+
+def reference_nll_sums(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
+) -> tuple[list[float], list[int]]:
+    """Each reference response's summed negative log-likelihood (+ EOS, as trained) and its token count."""
     pairs = [
         (
             prompt_ids(tokenizer, r, "gsm8k"),
@@ -354,11 +362,11 @@ def reference_nll(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]],
         for r in records
     ]
     scored = response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size)
-    return -sum(s for s, _ in scored) / sum(n for _, n in scored)
+    return [-float(s) for s, _ in scored], [int(n) for _, n in scored]
 
 
-def gsm8k_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], scale: Scale):
-    """(exact-match accuracy, completions) of greedy generation."""
+def gsm8k_exact_matches(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], scale: Scale):
+    """(exact match per record, 1.0 or 0.0; completions) of greedy generation."""
     from osora.app.data import make_prompt
     from osora.app.evaluate import generate
 
@@ -374,7 +382,7 @@ def gsm8k_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]
         progress=False,
     )
     tokenizer.padding_side = "right"
-    return sum(gsm8k_exact_match(c, r) for c, r in zip(completions, records)) / len(records), completions
+    return [float(gsm8k_exact_match(c, r)) for c, r in zip(completions, records)], completions
 
 
 # -- one run --------------------------------------------------------------------------------------------------------
@@ -451,17 +459,21 @@ def run_one(
     evaluated = time.time()
     if task == "commonsense":
         row["select_acc"] = choice_accuracy(model, tokenizer, data["select"], scale.eval_batch_size)
-        row["test_acc"], row["test_picks"] = {}, {}
+        row["test_acc"], row["test_picks"], row["per_record"] = {}, {}, {}
         for name, records in data["test"].items():
             picks = choice_predictions(model, tokenizer, records, scale.eval_batch_size)
             row["test_acc"][name] = accuracy_of(picks, records)
             row["test_picks"][name] = dict(sorted(collections.Counter(picks).items()))
+            row["per_record"][name] = [float(p == reference_answer(r)) for p, r in zip(picks, records)]
         row["test_acc"]["average"] = statistics.fmean(row["test_acc"].values())
     else:
+        test = data["test"]["gsm8k"]
         row["select_nll"] = reference_nll(model, tokenizer, data["select"], scale.eval_batch_size)
-        row["test_nll"] = reference_nll(model, tokenizer, data["test"]["gsm8k"], scale.eval_batch_size)
-        accuracy, completions = gsm8k_accuracy(model, tokenizer, data["test"]["gsm8k"], scale)
-        row["test_acc"] = {"gsm8k": accuracy}
+        nll_sums, tokens = reference_nll_sums(model, tokenizer, test, scale.eval_batch_size)
+        row["test_nll"] = sum(nll_sums) / sum(tokens)
+        matches, completions = gsm8k_exact_matches(model, tokenizer, test, scale)
+        row["test_acc"] = {"gsm8k": statistics.fmean(matches)}
+        row["per_record"] = {"gsm8k": matches, "nll": nll_sums, "tokens": tokens}
         row["completion_samples"] = completions[:3]
     row["eval_seconds"] = time.time() - evaluated
     row["peak_memory_bytes"] = peak_memory_bytes()
@@ -516,11 +528,57 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+#: The row every other row is compared with record by record (:func:`paired_difference`): the paper's method at
+#: the rank whose r + d_out trainables VeRA r = 32 matches.
+PAIRED_REFERENCE = "osora-r32"
+
+
+def _per_record_mean(runs: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """Each test record's ``key`` value averaged over ``runs`` (the seeds of one row)."""
+    return [statistics.fmean(v) for v in zip(*(r["per_record"][key] for r in runs), strict=True)]
+
+
+def _paired(runs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [a - b for a, b in zip(_per_record_mean(runs, key), _per_record_mean(reference, key), strict=True)]
+
+
+def _standard_error(values: Sequence[float]) -> float:
+    return math.sqrt(statistics.variance(values) / len(values)) if len(values) > 1 else 0.0
+
+
+def paired_difference(
+    task: str, runs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]
+) -> dict[str, tuple[float, float]] | None:
+    """A row's headline measures minus the reference row's on the same test records, with the standard error of
+    that difference over the records (each record's value first averaged over the seeds a row ran): commonsense,
+    the average accuracy (points; the four sets' differences averaged, their variances combined); GSM8K, exact
+    match (points) and the pooled per-token reference NLL. It separates a real gap from the test subset's noise,
+    not from the seed's. None when a run on either side was written before the per-record values were kept."""
+    if not reference or not all("per_record" in r for r in [*runs, *reference]):
+        return None
+    if task == "commonsense":
+        diffs = [_paired(runs, reference, name) for name in COMMONSENSE_SETS]
+        mean = statistics.fmean(statistics.fmean(d) for d in diffs)
+        error = math.sqrt(sum(_standard_error(d) ** 2 for d in diffs)) / len(diffs)
+        return {"average": (100 * mean, 100 * error)}
+    tokens = runs[0]["per_record"]["tokens"]
+    if any(r["per_record"]["tokens"] != tokens for r in [*runs, *reference]):
+        raise ValueError("paired NLL: the runs scored reference solutions of different token counts")
+    em, nll = _paired(runs, reference, "gsm8k"), _paired(runs, reference, "nll")
+    return {
+        "gsm8k": (100 * statistics.fmean(em), 100 * _standard_error(em)),
+        "nll": (sum(nll) / sum(tokens), len(nll) * _standard_error(nll) / sum(tokens)),
+    }
+
+
 def summarise(
     task: str, runs: Sequence[dict[str, Any]], methods: Sequence[str], scale: Scale
 ) -> list[dict[str, Any]]:
-    """One row per method with runs: the rate picked so far, mean ± std over the seeds run at it, costs."""
+    """One row per method with runs: the rate picked so far, mean ± std over the seeds run at it, costs, and the
+    paired difference from :data:`PAIRED_REFERENCE`."""
     grid = grids(methods, scale)
+    reference_lr = best_lr(task, runs, PAIRED_REFERENCE, scale.seeds[0])
+    reference = [r for r in runs if r["method"] == PAIRED_REFERENCE and r["lr"] == reference_lr]
     rows = []
     for m in methods:
         lr = best_lr(task, runs, m, scale.seeds[0])
@@ -547,6 +605,8 @@ def summarise(
             row["test"][name] = _mean_std([100 * r["test_acc"][name] for r in final])
         if all("test_picks" in r for r in final):  # runs written before the picks were kept have none
             row["top_pick_share"] = statistics.fmean(top_pick_share(r["test_picks"]) for r in final)
+        if m != PAIRED_REFERENCE and (paired := paired_difference(task, final, reference)) is not None:
+            row["vs_reference"] = paired
         if task == "gsm8k":
             row["test"]["nll"] = _mean_std([r["test_nll"] for r in final])
             row["select_nll_by_lr"] = {
@@ -583,6 +643,7 @@ def markdown(report: dict[str, Any]) -> str:
         else "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
     )
     picks = task == "commonsense"
+    paired = any("vs_reference" in row for row in report["summary"])
     lines = [
         f"<!-- generated by benchmarks/llm.py from {report['output_json']}; do not edit by hand -->",
         f"**{task}** ({cfg['scale_name']} scale), `{cfg['model']}`: {scale['steps']} steps × {scale['batch_size']} "
@@ -595,14 +656,17 @@ def markdown(report: dict[str, Any]) -> str:
         "| method | "
         + " | ".join(names.get(s, s) for s in sets)
         + (" | top pick (%)" if picks else "")
+        + (f" | Δ vs {PAIRED_REFERENCE} (paired)" if paired else "")
         + " | trainable params | adapter bytes | lr (grid done) | seeds | train time (s) | peak mem (MB) |",
-        "|---|" + "---|" * (len(sets) + 6 + picks),
+        "|---|" + "---|" * (len(sets) + 6 + picks + paired),
     ]
     if "majority" in report:
         lines.append(
             "| majority answer (no model) | "
             + " | ".join(f"{100 * report['majority'][s]:.1f}" for s in sets)
-            + " | 100 | 0 | 0 | – | – | – | – |"
+            + " | 100"
+            + (" | –" if paired else "")
+            + " | 0 | 0 | – | – | – | – |"
         )
     for row in report["summary"]:
         cells = []
@@ -611,6 +675,8 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(f"{mean:.3f} ± {std:.3f}" if s == "nll" else f"{mean:.1f} ± {std:.1f}")
         if picks:
             cells.append(f"{100 * row['top_pick_share']:.0f}" if "top_pick_share" in row else "–")
+        if paired:
+            cells.append(_paired_text(row))
         grid_text = (
             "–"
             if row["grid"] == [0.0]
@@ -633,6 +699,15 @@ def markdown(report: dict[str, Any]) -> str:
         "fingerprints; the factors are recomputed on load).",
         "",
     ]
+    if paired:
+        measures = "the average accuracy" if picks else "exact match and the reference NLL"
+        lines += [
+            f"\"Δ vs {PAIRED_REFERENCE}\": this row's {measures} minus {PAIRED_REFERENCE}'s, record by record on the "
+            "same test records (each record averaged over a row's seeds first), ± the standard error of that "
+            "difference over the records: the test subset's noise, not the seed's. Positive accuracy and negative "
+            'NLL are better than OSoRA; "–": a row with runs written before the per-record scores were kept.',
+            "",
+        ]
     if picks:
         lines += [
             '"majority answer": every test question given the answer most common among its set\'s training records; '
@@ -645,6 +720,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command (resumable; {len(report['runs'])} runs so far): `{report['command']}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _paired_text(row: dict[str, Any]) -> str:
+    if row["method"] == PAIRED_REFERENCE:
+        return "(reference)"
+    if "vs_reference" not in row:
+        return "–"
+    parts = {
+        name: f"{mean:+.3f} ± {error:.3f}" if name == "nll" else f"{mean:+.1f} ± {error:.1f}"
+        for name, (mean, error) in row["vs_reference"].items()
+    }
+    if set(parts) == {"average"}:
+        return parts["average"]
+    return f"EM {parts['gsm8k']}, NLL {parts['nll']}"
 
 
 def _bytes(row: dict[str, Any]) -> str:

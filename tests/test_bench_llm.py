@@ -185,6 +185,61 @@ def test_summary_and_table():
     assert "| 100 | 400 (compact 1,234) |" in llm.markdown(report)
 
 
+def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centre = llm.grids([llm.PAIRED_REFERENCE], SCALE)[llm.PAIRED_REFERENCE][1]
+
+    def with_records(row: dict, n: int = 9) -> dict:
+        row["per_record"] = {s: rng.integers(0, 2, n).astype(float).tolist() for s in llm.COMMONSENSE_SETS}
+        return row
+
+    reference = with_records(_row(llm.PAIRED_REFERENCE, centre, 0, 0.9))
+    lora = [with_records(_row("lora-r8", 1e-3, seed, 0.8)) for seed in (0, 1)]
+    runs = [reference, *lora, _row("base", 0.0, 0, 0.1)]  # the base run predates per-record scores
+    summary = llm.summarise("commonsense", runs, ["base", llm.PAIRED_REFERENCE, "lora-r8"], SCALE)
+    by_method = {row["method"]: row for row in summary}
+    assert "vs_reference" not in by_method["base"] and "vs_reference" not in by_method[llm.PAIRED_REFERENCE]
+    diffs = [
+        np.mean([r["per_record"][s] for r in lora], axis=0) - np.array(reference["per_record"][s])
+        for s in llm.COMMONSENSE_SETS
+    ]
+    expected_mean = 100 * np.mean([d.mean() for d in diffs])
+    expected_error = 100 * np.sqrt(sum(d.var(ddof=1) / len(d) for d in diffs)) / 4
+    mean, error = by_method["lora-r8"]["vs_reference"]["average"]
+    assert (mean, error) == pytest.approx((expected_mean, expected_error))
+    report = {
+        "task": "commonsense",
+        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
+        "summary": summary,
+        "runs": runs,
+        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
+        "command": "python benchmarks/llm.py --task commonsense",
+        "output_json": "x.json",
+    }
+    table = llm.markdown(report)
+    assert f"| Δ vs {llm.PAIRED_REFERENCE} (paired) |" in table
+    assert f"| – | {mean:+.1f} ± {error:.1f} | 100 |" in table and "| (reference) |" in table
+
+    def gsm(method: str, lr: float, nll: list[float], matches: list[float]) -> dict:
+        row = _row(method, lr, 0, 0.0) | {"select_nll": 1.0, "test_nll": sum(nll) / 12}
+        row |= {"test_acc": {"gsm8k": float(np.mean(matches))}}
+        return row | {"per_record": {"gsm8k": matches, "nll": nll, "tokens": [5, 4, 3]}}
+
+    reference = gsm(llm.PAIRED_REFERENCE, centre, [6.0, 4.0, 3.5], [1.0, 0.0, 0.0])
+    lora = gsm("lora-r8", 1e-3, [5.0, 4.5, 2.0], [1.0, 1.0, 0.0])
+    (row,) = [r for r in llm.summarise("gsm8k", [reference, lora], ["lora-r8"], SCALE)]
+    em, nll = row["vs_reference"]["gsm8k"], row["vs_reference"]["nll"]
+    assert em[0] == pytest.approx(100 * (lora["test_acc"]["gsm8k"] - reference["test_acc"]["gsm8k"]))
+    assert nll[0] == pytest.approx(lora["test_nll"] - reference["test_nll"])  # pooled over the same tokens
+    d = np.array([-1.0, 0.5, -1.5])
+    assert nll[1] == pytest.approx(np.sqrt(len(d) * d.var(ddof=1)) / 12)
+    lora["per_record"]["tokens"] = [5, 4, 4]
+    with pytest.raises(ValueError, match="different token counts"):
+        llm.paired_difference("gsm8k", [lora], [reference])
+
+
 def _commonsense_dir(tmp_path: Path) -> Path:
     for name in llm.COMMONSENSE_SETS:
         folder = tmp_path / name
@@ -317,11 +372,16 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
     assert 0.0 <= row["test_acc"][next(iter(data["test"]))] <= 1.0
     if task == "gsm8k":
         assert row["test_nll"] > 0 and len(row["completion_samples"]) == 2
+        per_record = row["per_record"]
+        assert sum(per_record["nll"]) / sum(per_record["tokens"]) == pytest.approx(row["test_nll"])
+        assert sum(per_record["gsm8k"]) / 2 == row["test_acc"]["gsm8k"]
     else:
         assert set(row["test_acc"]) == {"arc_e", "boolq", "average"}
         picks = row["test_picks"]
         assert sum(picks["arc_e"].values()) == 2 and set(picks["boolq"]) <= {"true", "false"}
         assert row["test_acc"]["boolq"] == picks["boolq"].get("true", 0)  # its one record's answer is true
+        assert row["per_record"]["boolq"] == [row["test_acc"]["boolq"]]
+        assert sum(row["per_record"]["arc_e"]) / 2 == row["test_acc"]["arc_e"]
 
 
 def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monkeypatch):

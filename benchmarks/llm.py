@@ -742,37 +742,47 @@ def _bytes(row: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Test score against trainable parameters (log x), mean ± std over seeds; GSM8K gets a second panel with the
+    reference NLL (lower is better), its low-noise measure. Untrained rows are dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     task = report["task"]
-    key = headline(task)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    if "majority" in report:
-        ax.axhline(
-            100 * report["majority"][key], color="grey", ls=":", lw=1, label="majority answer (no model)"
+    panels = [
+        (
+            headline(task),
+            f"{task} test accuracy (%)" + (", average of 4 sets" if task == "commonsense" else ""),
         )
-    for row in report["summary"]:
-        mean, std = row["test"][key]
-        if row["trainable_params"] == 0:
-            ax.axhline(mean, color="grey", ls="--", lw=1, label=f"{row['method']} (untrained)")
-            continue
-        ax.errorbar(row["trainable_params"], mean, yerr=std, fmt="o", capsize=3)
-        ax.annotate(
-            row["method"],
-            (row["trainable_params"], mean),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel(f"{task} test accuracy (%)" + (", average of 4 sets" if task == "commonsense" else ""))
-    ax.set_title(f"{task}, {report['config']['model']}: accuracy vs trainable parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ]
+    if task == "gsm8k":
+        panels.append(("nll", "reference-solution NLL per token (lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        if "majority" in report:
+            ax.axhline(
+                100 * report["majority"][key], color="grey", ls=":", lw=1, label="majority answer (no model)"
+            )
+        for row in report["summary"]:
+            mean, std = row["test"][key]
+            if row["trainable_params"] == 0:
+                ax.axhline(mean, color="grey", ls="--", lw=1, label=f"{row['method']} (untrained)")
+                continue
+            ax.errorbar(row["trainable_params"], mean, yerr=std, fmt="o", capsize=3)
+            ax.annotate(
+                row["method"],
+                (row["trainable_params"], mean),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{task}, {report['config']['model']}: test score vs trainable parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -185,7 +185,7 @@ def test_summary_and_table():
     assert "| 100 | 400 (compact 1,234) |" in llm.markdown(report)
 
 
-def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table():
+def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table(tmp_path):
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -235,6 +235,12 @@ def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table()
     assert nll[0] == pytest.approx(lora["test_nll"] - reference["test_nll"])  # pooled over the same tokens
     d = np.array([-1.0, 0.5, -1.5])
     assert nll[1] == pytest.approx(np.sqrt(len(d) * d.var(ddof=1)) / 12)
+    gsm_report = report | {
+        "task": "gsm8k",
+        "summary": llm.summarise("gsm8k", [reference, lora], ["lora-r8"], SCALE),
+    }
+    llm.plot(gsm_report, tmp_path / "gsm8k.png")  # two panels: exact match and reference NLL
+    assert (tmp_path / "gsm8k.png").stat().st_size > 0
     lora["per_record"]["tokens"] = [5, 4, 4]
     with pytest.raises(ValueError, match="different token counts"):
         llm.paired_difference("gsm8k", [lora], [reference])

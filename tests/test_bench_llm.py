@@ -440,6 +440,36 @@ def test_worker_processes_import_the_runner():
         assert pool.submit(llm.selection_score, "gsm8k", {"select_nll": 0.25}).result(timeout=120) == -0.25
 
 
+def test_workers_end_when_the_runner_is_killed(tmp_path):
+    """A killed runner leaves no worker training on: each worker's watchdog ends it once its parent is gone."""
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); import llm\n"
+        "pool = llm.executor(2, 1)\n"
+        "job = pool.submit(os.getpid)\n"
+        "open(sys.argv[2], 'w').write(str(job.result(timeout=120)))\n"
+        "pool.submit(time.sleep, 300)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    runner = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "benchmarks"), str(pid_file)], timeout=180
+    )
+    assert runner.returncode == -9
+    worker = int(pid_file.read_text())
+    for _ in range(40):  # the watchdog looks every 2 s
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.kill(worker, 9)
+    raise AssertionError(f"worker {worker} still running 20 s after its runner was killed")
+
+
 @pytest.mark.parametrize(("task", "scale"), sorted(llm.SCALES))
 def test_every_preset_fits_the_shared_data(task, scale):
     """Each preset's training, held-out and test sizes exist in ../shared/data (a GPU run must not stop at once)."""

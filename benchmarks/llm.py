@@ -960,9 +960,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
         if earlier:
-            earlier["output_json"] = results[
-                "output_json"
-            ]  # where it is now (a GPU machine wrote it elsewhere)
+            # the file's place now (a GPU machine wrote it elsewhere)
+            earlier["output_json"] = results["output_json"]
             if args.task == "commonsense" and "majority" not in earlier and args.data_dir.is_dir():
                 earlier["majority"] = majority_baseline(
                     load_data(args.task, args.data_dir, scale, args.data_seed)

@@ -341,24 +341,10 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("task", "key", "precision"),
-    [
-        ("commonsense", "osora-r32", "bf16"),
-        ("gsm8k", "lora-r8", "bf16"),
-        ("gsm8k", "osora-r32", "fp32"),
-        ("commonsense", "base", "bf16"),
-    ],
+    ("task", "key"), [("commonsense", "osora-r32"), ("gsm8k", "lora-r8"), ("commonsense", "base")]
 )
-def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key, precision):
+def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
     from osora.app.data import word_level_tokenizer
-
-    autocast, entered = torch.autocast, []
-
-    def recording_autocast(*args, **kwargs):
-        entered.append((args, kwargs))
-        return autocast(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", recording_autocast)
 
     model, _ = _tiny_lm_and_tokenizer()
     gsm = {"question": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7\n#### 7"}
@@ -378,15 +364,13 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key
     args = llm.parse_args(
         ["--task", task, "--model", str(tmp_path / "model"), "--work-dir", str(tmp_path / "w")]
     )
-    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2, precision=precision)
+    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2)
     if task == "commonsense":
         data = {"train": [ARC, BOOLQ] * 2, "select": [ARC], "test": {"arc_e": [ARC, ARC], "boolq": [BOOLQ]}}
     else:
         data = {"train": [gsm] * 4, "select": [gsm], "test": {"gsm8k": [gsm, gsm]}}
     row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
     assert row["steps"] == (0 if key == "base" else 2)
-    if key != "base":  # training ran under bfloat16 autocast, or under none
-        assert (("cpu",), {"dtype": torch.bfloat16, "enabled": precision == "bf16"}) in entered
     assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
     if key.startswith("osora"):
         assert 0 < row["compact_adapter_bytes"] < row["adapter_bytes"]

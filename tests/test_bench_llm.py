@@ -153,6 +153,19 @@ def test_schedule_runs_centres_first_then_grids_then_seeds_at_the_pick():
     assert not any(m == "osora-r32" and seed == 0 for m, _, seed in todo)
 
 
+def _report(summary: list, runs: list) -> dict:
+    """A result file's fields that the table and the plot read, around ``summary`` and ``runs``."""
+    return {
+        "task": "commonsense",
+        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
+        "summary": summary,
+        "runs": runs,
+        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
+        "command": "python benchmarks/llm.py --task commonsense",
+        "output_json": "x.json",
+    }
+
+
 def test_summary_and_table():
     runs = [_row("base", 0.0, 0, 0.3)]
     grid = llm.grids(["osora-r32"], SCALE)["osora-r32"]
@@ -162,15 +175,7 @@ def test_summary_and_table():
     osora_row = summary[1]
     assert osora_row["best_lr"] == grid[1] and osora_row["seeds"] == [0, 1] and osora_row["grid_complete"]
     assert osora_row["test"]["average"] == pytest.approx((50.5, 0.7071), abs=1e-3)
-    report = {
-        "task": "commonsense",
-        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
-        "summary": summary,
-        "runs": runs,
-        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
-        "command": "python benchmarks/llm.py --task commonsense",
-        "output_json": "x.json",
-    }
+    report = _report(summary, runs)
     table = llm.markdown(report)
     assert "| osora-r32 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.5 ± 0.7 | – | 100 |" in table
     assert "| base |" in table and "5 runs so far" in table and "majority answer (no model)" not in table
@@ -209,15 +214,7 @@ def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table(t
     expected_error = 100 * np.sqrt(sum(d.var(ddof=1) / len(d) for d in diffs)) / 4
     mean, error = by_method["lora-r8"]["vs_reference"]["average"]
     assert (mean, error) == pytest.approx((expected_mean, expected_error))
-    report = {
-        "task": "commonsense",
-        "config": {"scale_name": "cpu", "model": "tiny", "scale": vars(SCALE) | {"seeds": list(SCALE.seeds)}},
-        "summary": summary,
-        "runs": runs,
-        "provenance": {"git": {"commit": "0123456789", "dirty": False}, "hardware": {"cpu": "test cpu"}},
-        "command": "python benchmarks/llm.py --task commonsense",
-        "output_json": "x.json",
-    }
+    report = _report(summary, runs)
     table = llm.markdown(report)
     assert f"| Δ vs {llm.PAIRED_REFERENCE} (paired) |" in table
     assert f"| – | {mean:+.1f} ± {error:.1f} | 100 |" in table and "| (reference) |" in table

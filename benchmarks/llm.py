@@ -932,14 +932,20 @@ def main(argv: list[str] | None = None) -> int:
             readme_path.write_text(markdown(result))
 
     if args.render:  # the table and plot of the JSON as it is (its provenance and command kept)
-        if earlier:
-            # the file's place now (a GPU machine wrote it elsewhere)
-            earlier["output_json"] = results["output_json"]
-            if args.task == "commonsense" and "majority" not in earlier and args.data_dir.is_dir():
-                earlier["majority"] = majority_baseline(
-                    load_data(args.task, args.data_dir, scale, args.data_seed)
-                )
-            save(earlier)
+        if not earlier:
+            print(
+                f"--render: no result file {json_path} (--out names the folder that holds it)",
+                file=sys.stderr,
+            )
+            return 2
+        earlier["output_json"] = results[
+            "output_json"
+        ]  # the file's place now (a GPU machine wrote it elsewhere)
+        if args.task == "commonsense" and "majority" not in earlier and args.data_dir.is_dir():
+            earlier["majority"] = majority_baseline(
+                load_data(args.task, args.data_dir, scale, args.data_seed)
+            )
+        save(earlier)
         return 0
     if args.threads:
         import torch

@@ -304,7 +304,7 @@ def test_update_readme_check_regenerates_llm_tables_from_their_json(tmp_path, mo
     assert "table of llm_gsm8k_cpu" in update.render(readme, tables)
 
 
-def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch):
+def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch, capsys):
     data_dir = _commonsense_dir(tmp_path / "data")
     argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path), "--methods", "base"]
     argv += ["--readme-dir", str(tmp_path), "--train-size", "4", "--select-size", "1", "--test-size", "2"]
@@ -335,6 +335,11 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
     table = (tmp_path / "README_llm_commonsense_cpu.md").read_text()
     assert "Git abcdef12, " in table and "| base | 50.0 ± 0.0 |" in table
     assert f"from {path};" in table and new["output_json"] == str(path)  # where it is now, not "x.json"
+    empty = tmp_path / "empty"
+    assert (
+        llm.main([*argv[:5], str(empty), *argv[6:], "--render"]) == 2
+    )  # nothing to render: said, not silent
+    assert "no result file" in capsys.readouterr().err and not any(empty.iterdir())
 
 
 @pytest.mark.parametrize(

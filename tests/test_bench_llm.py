@@ -343,10 +343,24 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("task", "key"), [("commonsense", "osora-r32"), ("gsm8k", "lora-r8"), ("commonsense", "base")]
+    ("task", "key", "precision"),
+    [
+        ("commonsense", "osora-r32", "bf16"),
+        ("gsm8k", "lora-r8", "bf16"),
+        ("gsm8k", "osora-r32", "fp32"),
+        ("commonsense", "base", "bf16"),
+    ],
 )
-def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
+def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key, precision):
     from osora.app.data import word_level_tokenizer
+
+    autocast, entered = torch.autocast, []
+
+    def recording_autocast(*args, **kwargs):
+        entered.append((args, kwargs))
+        return autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
 
     model, _ = _tiny_lm_and_tokenizer()
     gsm = {"question": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7\n#### 7"}
@@ -366,13 +380,18 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, task, key):
     args = llm.parse_args(
         ["--task", task, "--model", str(tmp_path / "model"), "--work-dir", str(tmp_path / "w")]
     )
-    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2)
+    scale = llm.Scale(4, 1, 2, 96, 2, 2, max_new_tokens=4, eval_batch_size=2, precision=precision)
     if task == "commonsense":
         data = {"train": [ARC, BOOLQ] * 2, "select": [ARC], "test": {"arc_e": [ARC, ARC], "boolq": [BOOLQ]}}
     else:
         data = {"train": [gsm] * 4, "select": [gsm], "test": {"gsm8k": [gsm, gsm]}}
     row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
     assert row["steps"] == (0 if key == "base" else 2)
+    if key != "base":  # training ran under bfloat16 autocast, or under none
+        assert (
+            ("cpu",),
+            {"dtype": torch.bfloat16, "enabled": precision == "bf16", "cache_enabled": False},
+        ) in entered
     assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
     if key.startswith("osora"):
         assert 0 < row["compact_adapter_bytes"] < row["adapter_bytes"]
@@ -468,3 +487,41 @@ def test_every_preset_fits_the_shared_data(task, scale):
     assert len(data["select"]) == preset.select_size * (
         len(llm.COMMONSENSE_SETS) if task == "commonsense" else 1
     )
+
+
+@pytest.mark.parametrize("method", ["lora", "osora"])
+def test_bf16_training_follows_float32(tmp_path, method):
+    """Each bfloat16 step sees the previous step's update: the loss curve follows float32's. With the autocast weight
+    cache on over the whole train(), LoRA's forward kept the first step's copy of A and B and its loss stayed flat."""
+    from transformers import Trainer, TrainingArguments
+
+    from osora.app.config import MethodConfig
+    from osora.app.train import apply_method
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model, tokenizer = _tiny_lm_and_tokenizer()
+        model = apply_method(model, MethodConfig(name=method, fields={"r": 4}))
+        ids = tokenizer(BOOLQ["instruction"] + " " + BOOLQ["output"])["input_ids"]
+        records = [{"input_ids": ids, "labels": ids}] * 4
+        trainer = Trainer(
+            model=model.train(),
+            args=TrainingArguments(
+                output_dir=str(tmp_path / precision),
+                max_steps=8,
+                learning_rate=0.3,
+                per_device_train_batch_size=2,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+                seed=0,
+            ),
+            train_dataset=records,
+        )
+        llm.train(trainer, precision)
+        curves[precision] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert len(fp32) == len(bf16) == 8 and fp32[-1] < fp32[0] - 0.1
+    assert bf16[-1] < bf16[0] - 0.1
+    assert all(abs(b - f) < 0.03 * f for b, f in zip(bf16, fp32))

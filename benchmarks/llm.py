@@ -30,8 +30,9 @@ invocations; ``--time-budget`` stops starting new runs. The README table (``benc
 placed by ``benchmarks/update_readme.py``, whose ``--check`` regenerates it from the JSON) and a PNG of accuracy
 against trainable parameters (log x) are rewritten from the JSON after every run.
 
-``--workers N`` trains N runs at once, each in its own spawned process: meant for a GPU, where one run of a 135M
-model uses a fraction of the device (on 2 CPU cores: at most 2, with ``--threads 1``).
+``--workers N`` trains N runs at once; every run has a fresh spawned process of its own (its peak memory is its
+own). N > 1 is meant for a GPU, where one run of a 135M model uses a fraction of the device (on 2 CPU cores: at
+most 2, with ``--threads 1``).
 
 Example (the CPU preset, one invocation, resumable):
     nice -n 19 python benchmarks/llm.py --task commonsense --scale cpu
@@ -48,7 +49,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -418,6 +419,11 @@ def train(trainer: Any, precision: str) -> Any:
         return trainer.train()
 
 
+#: Runs this process has trained. On a CPU the peak memory is the process's resident high-water mark, which a
+#: reset cannot bring below what earlier runs left allocated; only a process's first run measures its own peak.
+_RUNS_IN_PROCESS = 0
+
+
 def run_one(
     task: str, key: str, lr: float, seed: int, args: argparse.Namespace, scale: Scale, data: dict[str, Any]
 ) -> dict[str, Any]:
@@ -434,12 +440,14 @@ def run_one(
     from osora.app.train import apply_method
 
     method = ROWS[key]
+    global _RUNS_IN_PROCESS
+    row: dict[str, Any] = {"method": key, "lr": lr, "seed": seed, "steps": 0}
+    row["earlier_runs_in_process"], _RUNS_IN_PROCESS = _RUNS_IN_PROCESS, _RUNS_IN_PROCESS + 1
     reset_peak_memory()
     started = time.time()
     set_seed(seed)
     model, tokenizer = load_causal_lm(args.model, dtype="float32")
     tokenizer.padding_side = "right"
-    row: dict[str, Any] = {"method": key, "lr": lr, "seed": seed, "steps": 0}
     if method.name != "base":
         fmt = "commonsense" if task == "commonsense" else "gsm8k"
         data_cfg = DataConfig(format=fmt, prompt="chat", max_length=scale.max_length)  # type: ignore[arg-type]
@@ -556,6 +564,11 @@ def schedule(
     return [k for k in todo if not (k in done or k in seen or seen.add(k))]  # type: ignore[func-returns-value]
 
 
+def _own_peaks(runs: Sequence[dict[str, Any]]) -> list[int]:
+    """The peak memory of the runs that were their process's first (the others' include what earlier ones left)."""
+    return [r["peak_memory_bytes"] for r in runs if r.get("earlier_runs_in_process") == 0]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -630,7 +643,7 @@ def summarise(
             "adapter_bytes": final[0]["adapter_bytes"],
             "compact_adapter_bytes": final[0].get("compact_adapter_bytes"),
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in final),
-            "peak_memory_mb": max(r["peak_memory_bytes"] for r in final) / 2**20,
+            "peak_memory_mb": max(own_peaks) / 2**20 if (own_peaks := _own_peaks(final)) else None,
             "test": {},
         }
         for name in final[0]["test_acc"]:
@@ -720,14 +733,16 @@ def markdown(report: dict[str, Any]) -> str:
         train_time = f"{row['train_seconds_mean']:.0f}" if row["trainable_params"] else "–"
         lines.append(
             f"| {row['method']} | " + " | ".join(cells) + f" | {row['trainable_params']:,} | {_bytes(row)} | "
-            f"{grid_text} | {len(row['seeds'])} | {train_time} | {row['peak_memory_mb']:.0f} |"
+            f"{grid_text} | {len(row['seeds'])} | {train_time} | {_peak_text(row)} |"
         )
     lines += [
         "",
         '"lr (grid done)": the picked rate and how many of the grid\'s rates were trained ("edge": the pick is an '
         "end of the grid); a row with fewer than all rates or one seed is unfinished. Train time is wall clock per run "
         "(model load and training; scoring not included), peak memory the process's peak resident set (CPU) or CUDA allocation; on a "
-        "shared CPU both are noisy. Adapter bytes: the file `osora.save_adapter` writes by default (OSoRA's with its "
+        'shared CPU both are noisy. Peak memory "–": no run of the row is known to have been the first in its process (each may have read '
+        "what earlier runs had left allocated: runs written before every run had a process of its own). Adapter "
+        "bytes: the file `osora.save_adapter` writes by default (OSoRA's with its "
         "frozen factors), and for OSoRA rows the compact file (`save_factors=False`: S, O and base-weight "
         "fingerprints; the factors are recomputed on load).",
         "",
@@ -767,6 +782,10 @@ def _paired_text(row: dict[str, Any]) -> str:
     if set(parts) == {"average"}:
         return parts["average"]
     return f"EM {parts['gsm8k']}, NLL {parts['nll']}"
+
+
+def _peak_text(row: dict[str, Any]) -> str:
+    return "–" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:.0f}"
 
 
 def _bytes(row: dict[str, Any]) -> str:
@@ -986,10 +1005,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         save(earlier)
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     # The table keeps every method already run, so running a few rows with --methods does not drop the others.
     shown = [m for m in ROWS if m in args.methods or any(r["method"] == m for r in runs)]
     config = {
@@ -1045,21 +1060,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class InProcess(Executor):
-    """One run at a time in this process (``--workers 1``): :meth:`submit` runs the call before it returns."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        job: Future[Any] = Future()
-        job.set_result(fn(*args, **kwargs))
-        return job
-
-
 def executor(workers: int, threads: int) -> Executor:
-    """Where runs go: this process for one worker, else ``workers`` spawned processes (CUDA needs spawn), each
-    with ``threads`` torch threads. Runs are independent and seeded, so a run's result does not depend on which
-    process trains it; its wall time does (runs that share a GPU or the cores slow each other)."""
-    if workers == 1:
-        return InProcess()
+    """Where runs go: ``workers`` spawned processes (CUDA needs spawn), each with ``threads`` torch threads, and a
+    fresh one for every run, so that a run's peak memory is its own (a process keeps the memory an earlier run
+    freed: in a reused one, a base-model run after DoRA read DoRA's 10.5 GB). Runs are independent and seeded, so a
+    run's result does not depend on which process trains it; its wall time does (runs that share a GPU or the cores
+    slow each other)."""
     import multiprocessing
 
     return ProcessPoolExecutor(
@@ -1067,6 +1073,7 @@ def executor(workers: int, threads: int) -> Executor:
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker,
         initargs=(threads, os.getpid()),
+        max_tasks_per_child=1,
     )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -134,7 +136,19 @@ def _row(method: str, lr: float, seed: int, select: float) -> dict:
         "adapter_bytes": 400,
         "train_seconds": 1.0,
         "peak_memory_bytes": 2**20,
+        "earlier_runs_in_process": 0,
     }
+
+
+def test_peak_memory_only_from_runs_that_were_first_in_their_process():
+    """A CPU process's resident high-water mark keeps what earlier runs left: only a first run's peak is shown."""
+    runs = [_row("osora-r32", 0.01, 0, 0.5), {**_row("lora-r8", 1e-3, 0, 0.5), "earlier_runs_in_process": 2}]
+    runs += [{**_row("lora-r8", 1e-3, 1, 0.5), "peak_memory_bytes": 2**30}]
+    runs[-1].pop("earlier_runs_in_process")  # a run written before the count was kept
+    summary = llm.summarise("commonsense", runs, ["osora-r32", "lora-r8"], SCALE)
+    assert [row["peak_memory_mb"] for row in summary] == [1.0, None]
+    rows = {ln.split(" | ")[0]: ln for ln in llm.markdown(_report(summary, runs)).splitlines()}
+    assert rows["| osora-r32"].endswith("| 1 |") and rows["| lora-r8"].endswith("| – |")
 
 
 def test_schedule_runs_centres_first_then_grids_then_seeds_at_the_pick():
@@ -263,6 +277,7 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
         return _row(key, lr, seed, select=0.5 + lr)
 
     monkeypatch.setattr(llm, "run_one", fake_run)
+    monkeypatch.setattr(llm, "executor", lambda workers, threads: ThreadPoolExecutor(workers))
     argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]
     argv += ["--readme-dir", str(tmp_path), "--methods", "base", "osora-r32", "--seeds", "0", "1"]
     argv += ["--train-size", "4", "--select-size", "1", "--test-size", "2", "--steps", "1"]
@@ -413,8 +428,6 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key
 
 
 def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
     data_dir = _commonsense_dir(tmp_path / "data")
     calls: list[tuple[str, float, int]] = []
 
@@ -440,14 +453,17 @@ def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monke
         llm.parse_args(["--task", "gsm8k", "--workers", "0"])
 
 
-def test_worker_processes_import_the_runner():
-    with llm.executor(2, 1) as pool:  # spawned processes: the benchmarks folder is on their path too
+def test_every_run_gets_a_fresh_worker_process_that_imports_the_runner():
+    """A fresh process per run (its peak resident memory is its own), even with one worker; spawned processes have
+    the benchmarks folder on their path too."""
+    with llm.executor(1, 1) as pool:
+        pids = [pool.submit(os.getpid).result(timeout=120) for _ in range(2)]
         assert pool.submit(llm.selection_score, "gsm8k", {"select_nll": 0.25}).result(timeout=120) == -0.25
+    assert len(set(pids)) == 2 and os.getpid() not in pids
 
 
 def test_workers_end_when_the_runner_is_killed(tmp_path):
     """A killed runner leaves no worker training on: each worker's watchdog ends it once its parent is gone."""
-    import os
     import subprocess
     import time
 
@@ -455,11 +471,13 @@ def test_workers_end_when_the_runner_is_killed(tmp_path):
     script = (
         "import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); import llm\n"
         "pool = llm.executor(2, 1)\n"
-        "job = pool.submit(os.getpid)\n"
-        "open(sys.argv[2], 'w').write(str(job.result(timeout=120)))\n"
-        "pool.submit(time.sleep, 300)\n"
+        "pool.submit(exec, f'import os, time; open({sys.argv[2]!r}, \"w\").write(str(os.getpid())); time.sleep(300)')\n"
+        "for _ in range(240):\n"
+        "    if os.path.exists(sys.argv[2]): break\n"
+        "    time.sleep(0.5)\n"
+        "time.sleep(0.5)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
-    )
+    )  # the worker, in the middle of its (sleeping) run, says which process it is
     runner = subprocess.run(
         [sys.executable, "-c", script, str(ROOT / "benchmarks"), str(pid_file)], timeout=180
     )

@@ -369,13 +369,15 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
 def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key, precision):
     from osora.app.data import word_level_tokenizer
 
-    autocast, entered = torch.autocast, []
+    train, precisions = llm.train, []
 
-    def recording_autocast(*args, **kwargs):
-        entered.append((args, kwargs))
-        return autocast(*args, **kwargs)
+    def recording_train(trainer, precision):
+        precisions.append(precision)
+        return train(trainer, precision)
 
-    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    monkeypatch.setattr(
+        llm, "train", recording_train
+    )  # what train() does: test_bf16_training_follows_float32
 
     model, _ = _tiny_lm_and_tokenizer()
     gsm = {"question": "what is 3 plus 4 ?", "answer": "3 plus 4 is 7\n#### 7"}
@@ -402,11 +404,7 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key
         data = {"train": [gsm] * 4, "select": [gsm], "test": {"gsm8k": [gsm, gsm]}}
     row = llm.run_one(task, key, 1e-3, 0, args, scale, data)
     assert row["steps"] == (0 if key == "base" else 2)
-    if key != "base":  # training ran under bfloat16 autocast, or under none
-        assert (
-            ("cpu",),
-            {"dtype": torch.bfloat16, "enabled": precision == "bf16", "cache_enabled": False},
-        ) in entered
+    assert precisions == ([] if key == "base" else [precision])  # trained in the scale's precision
     assert (row["trainable_params"] > 0) == (key != "base") and row["peak_memory_bytes"] > 0
     if key.startswith("osora"):
         assert 0 < row["compact_adapter_bytes"] < row["adapter_bytes"]

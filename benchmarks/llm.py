@@ -8,7 +8,10 @@ Tasks:
   commonsense  train on an equal mix of the BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA training sets; test on
                a fixed subset of each test set and their average. An answer is scored by the log-likelihood
                ranking of the options ("the correct answer is answer1" ... under the model), not by generation:
-               no parse failures, one forward pass per question, lower noise.
+               no parse failures, one forward pass per question, lower noise. Second measure: the option
+               NLL, −log of the right option's probability once the options' likelihoods are normalised (the
+               ranking's log-loss): it moves with every record, where accuracy at this scale sits near the
+               majority answer.
   gsm8k        train on GSM8K train; test: exact match of the greedy completion's last number with the reference
                (the paper's extraction, :data:`osora.app.scoring.TASKS`), plus the mean per-token negative
                log-likelihood of the reference solutions (a low-noise second measure).
@@ -16,9 +19,9 @@ Tasks:
 Protocol (the same for every method):
   1. The training sets are shuffled with ``--data-seed``; the first records train, the next ones form a held-out
      *selection* slice. Test sets are never used to choose anything.
-  2. Each method's learning rate comes from a log grid (``--grid-points`` values ``--grid-step`` apart, centred on
-     :data:`LR_CENTRE`), trained with the first seed and scored on the selection slice (commonsense: accuracy;
-     GSM8K: reference NLL). The best rate (a tie goes to the lower) is trained with every other seed; the table
+  2. Each method's learning rate comes from a log grid (the scale's ``grid_points`` values ``grid_step`` apart,
+     centred on the row's ``lr_centre`` in :data:`ROWS`), trained with the first seed and scored on the selection slice (commonsense: option
+     NLL; GSM8K: reference NLL). The best rate (a tie goes to the lower) is trained with every other seed; the table
      reports mean ± std over the seeds.
   3. Runs are scheduled in passes so that a benchmark cut short still answers the main questions: every method at
      its grid centre, then the rest of the grids, then the extra seeds.
@@ -304,10 +307,11 @@ def prompt_ids(tokenizer: Any, record: dict[str, Any], fmt: str) -> list[int]:
     return tokenizer(make_prompt(record, fmt, "chat", tokenizer), add_special_tokens=False)["input_ids"]
 
 
-def choice_predictions(
+def choice_scores(
     model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
-) -> list[str]:
-    """The option each question's log-likelihood ranking picks ("answer2", "true", …), in record order."""
+) -> list[tuple[list[str], list[float]]]:
+    """Each question's options ("answer1", "true", …) and their log-likelihoods log p(option | prompt), in record
+    order (up to a term shared by a question's options, which neither the ranking nor the option NLL sees)."""
     requests, options = [], []
     for record in records:
         options.append(answer_options(record))
@@ -322,11 +326,39 @@ def choice_predictions(
     )
     slow = [pair for q in requests for pair in q.sequences]
     sums = iter(s for s, _ in response_logprobs(model, slow, pad, batch_size))
-    picks = []
-    for q, opts in zip(requests, options):
-        scores = [float(v) for v in next(rows)] if q.tokens else [next(sums) for _ in q.sequences]
-        picks.append(opts[pick_option(scores)])
-    return picks
+    return [
+        (opts, [float(v) for v in next(rows)] if q.tokens else [next(sums) for _ in q.sequences])
+        for q, opts in zip(requests, options)
+    ]
+
+
+def choice_predictions(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
+) -> list[str]:
+    """The option each question's log-likelihood ranking picks ("answer2", "true", …), in record order."""
+    return [
+        opts[pick_option(scores)] for opts, scores in choice_scores(model, tokenizer, records, batch_size)
+    ]
+
+
+def option_nll(options: Sequence[str], scores: Sequence[float], answer: str) -> float:
+    """−log of the correct option's probability among the question's options (their likelihoods normalised to
+    sum to 1): the log-loss of the ranking, 0 when sure and right, log(#options) for a uniform guess (nats)."""
+    top = max(scores)
+    return top + math.log(sum(math.exp(s - top) for s in scores)) - scores[options.index(answer)]
+
+
+def choice_outcomes(
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
+) -> tuple[list[str], list[float]]:
+    """Each question's picked option and its option NLL (:func:`option_nll`), in record order."""
+    scored = choice_scores(model, tokenizer, records, batch_size)
+    picks = [opts[pick_option(scores)] for opts, scores in scored]
+    nlls = [
+        option_nll(opts, scores, reference_answer(r))
+        for (opts, scores), r in zip(scored, records, strict=True)
+    ]
+    return picks, nlls
 
 
 def reference_answer(record: dict[str, Any]) -> str:
@@ -496,14 +528,17 @@ def run_one(
     model.eval()
     evaluated = time.time()
     if task == "commonsense":
-        row["select_acc"] = choice_accuracy(model, tokenizer, data["select"], scale.eval_batch_size)
-        row["test_acc"], row["test_picks"], row["per_record"] = {}, {}, {}
+        picks, nlls = choice_outcomes(model, tokenizer, data["select"], scale.eval_batch_size)
+        row["select_acc"], row["select_nll"] = accuracy_of(picks, data["select"]), statistics.fmean(nlls)
+        row["test_acc"], row["test_nll"], row["test_picks"], row["per_record"] = {}, {}, {}, {}
         for name, records in data["test"].items():
-            picks = choice_predictions(model, tokenizer, records, scale.eval_batch_size)
-            row["test_acc"][name] = accuracy_of(picks, records)
+            picks, nlls = choice_outcomes(model, tokenizer, records, scale.eval_batch_size)
+            row["test_acc"][name], row["test_nll"][name] = accuracy_of(picks, records), statistics.fmean(nlls)
             row["test_picks"][name] = dict(sorted(collections.Counter(picks).items()))
             row["per_record"][name] = [float(p == reference_answer(r)) for p, r in zip(picks, records)]
+            row["per_record"][f"{name}_nll"] = nlls
         row["test_acc"]["average"] = statistics.fmean(row["test_acc"].values())
+        row["test_nll"]["average"] = statistics.fmean(row["test_nll"].values())
     else:
         test = data["test"]["gsm8k"]
         row["select_nll"] = reference_nll(model, tokenizer, data["select"], scale.eval_batch_size)
@@ -525,8 +560,12 @@ def run_one(
 
 
 def selection_score(task: str, row: dict[str, Any]) -> float:
-    """Higher is better: held-out accuracy (commonsense) or minus the held-out reference NLL (GSM8K)."""
-    return row["select_acc"] if task == "commonsense" else -row["select_nll"]
+    """Higher is better: minus the held-out NLL (GSM8K: of the reference solutions; commonsense: the option NLL,
+    :func:`option_nll`). Commonsense runs written before the option NLL was kept (every run of the float32 file)
+    are ranked by held-out accuracy instead; within one result file all runs have the same criterion."""
+    if task == "commonsense" and "select_nll" not in row:
+        return row["select_acc"]
+    return -row["select_nll"]
 
 
 def grids(methods: Sequence[str], scale: Scale) -> dict[str, list[float]]:
@@ -596,16 +635,23 @@ def paired_difference(
 ) -> dict[str, tuple[float, float]] | None:
     """A row's headline measures minus the reference row's on the same test records, with the standard error of
     that difference over the records (each record's value first averaged over the seeds a row ran): commonsense,
-    the average accuracy (points; the four sets' differences averaged, their variances combined); GSM8K, exact
-    match (points) and the pooled per-token reference NLL. It separates a real gap from the test subset's noise,
+    the average accuracy (points) and option NLL (the four sets' differences averaged, their variances combined;
+    the NLL only when both sides kept it); GSM8K, exact match (points) and the pooled per-token reference NLL. It separates a real gap from the test subset's noise,
     not from the seed's. None when a run on either side was written before the per-record values were kept."""
     if not reference or not all("per_record" in r for r in [*runs, *reference]):
         return None
     if task == "commonsense":
-        diffs = [_paired(runs, reference, name) for name in COMMONSENSE_SETS]
-        mean = statistics.fmean(statistics.fmean(d) for d in diffs)
-        error = math.sqrt(sum(_standard_error(d) ** 2 for d in diffs)) / len(diffs)
-        return {"average": (100 * mean, 100 * error)}
+
+        def over_sets(suffix: str) -> tuple[float, float]:  # the four sets' differences averaged
+            diffs = [_paired(runs, reference, name + suffix) for name in COMMONSENSE_SETS]
+            mean = statistics.fmean(statistics.fmean(d) for d in diffs)
+            return mean, math.sqrt(sum(_standard_error(d) ** 2 for d in diffs)) / len(diffs)
+
+        mean, error = over_sets("")
+        out = {"average": (100 * mean, 100 * error)}
+        if all(f"{COMMONSENSE_SETS[0]}_nll" in r["per_record"] for r in [*runs, *reference]):
+            out["nll"] = over_sets("_nll")
+        return out
     tokens = runs[0]["per_record"]["tokens"]
     if any(r["per_record"]["tokens"] != tokens for r in [*runs, *reference]):
         raise ValueError("paired NLL: the runs scored reference solutions of different token counts")
@@ -652,19 +698,15 @@ def summarise(
             row["top_pick_share"] = statistics.fmean(top_pick_share(r["test_picks"]) for r in final)
         if m != PAIRED_REFERENCE and (paired := paired_difference(task, final, reference)) is not None:
             row["vs_reference"] = paired
+        sweep = [r for r in runs if r["method"] == m and r["seed"] == scale.seeds[0]]
         if task == "gsm8k":
             row["test"]["nll"] = _mean_std([r["test_nll"] for r in final])
-            row["select_nll_by_lr"] = {
-                str(r["lr"]): r["select_nll"]
-                for r in runs
-                if r["method"] == m and r["seed"] == scale.seeds[0]
-            }
-        else:
-            row["select_acc_by_lr"] = {
-                str(r["lr"]): r["select_acc"]
-                for r in runs
-                if r["method"] == m and r["seed"] == scale.seeds[0]
-            }
+        elif all("test_nll" in r for r in final):
+            row["test"]["nll"] = _mean_std([r["test_nll"]["average"] for r in final])
+        if task == "commonsense":
+            row["select_acc_by_lr"] = {str(r["lr"]): r["select_acc"] for r in sweep}
+        if all("select_nll" in r for r in sweep):
+            row["select_nll_by_lr"] = {str(r["lr"]): r["select_nll"] for r in sweep}
         rows.append(row)
     return rows
 
@@ -680,14 +722,22 @@ def markdown(report: dict[str, Any]) -> str:
     """The README table of one result file."""
     task, cfg = report["task"], report["config"]
     scale, git = cfg["scale"], report["provenance"]["git"]
-    sets = [*COMMONSENSE_SETS, "average"] if task == "commonsense" else ["gsm8k", "nll"]
-    names = {"average": "avg", "nll": "ref NLL", "gsm8k": "GSM8K EM"}
-    measure = (
-        "accuracy (%) by log-likelihood ranking of the answer options"
-        if task == "commonsense"
-        else "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
-    )
     picks = task == "commonsense"
+    option_nll_kept = picks and any("nll" in row["test"] for row in report["summary"])
+    sets = [*COMMONSENSE_SETS, "average"] + ["nll"] * option_nll_kept if picks else ["gsm8k", "nll"]
+    names = {"average": "avg", "nll": "option NLL" if picks else "ref NLL", "gsm8k": "GSM8K EM"}
+    if not picks:
+        measure = "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
+        criterion = "reference NLL"
+    else:
+        measure = "accuracy (%) by log-likelihood ranking of the answer options" + (
+            ", and the option NLL averaged over the four sets: −log of the right option's probability when the "
+            "options' likelihoods are normalised to sum to 1 (nats, lower is better; a uniform guess scores 0.693 "
+            "on BoolQ's two options, 1.386 on four)"
+            if option_nll_kept
+            else ""
+        )
+        criterion = "option NLL" if option_nll_kept else "accuracy"
     paired = any("vs_reference" in row for row in report["summary"])
     lines = [
         f"<!-- generated by benchmarks/llm.py from {report['output_json']}; do not edit by hand -->",
@@ -695,8 +745,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"records of ≤ {scale['max_length']} tokens ({scale['train_size']} training records), cosine schedule; "
         f"{PRECISION_TEXT[scale.get('precision', 'fp32')]}; "
         f"test: {measure}, first {scale['test_size'] or 'all'} records of each test set; mean ± std over the seeds "
-        f"run at the picked rate. Learning rate picked per method on a held-out slice of the training data "
-        f"({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart). "
+        f"run at the picked rate. Learning rate picked per method by its {criterion} on a held-out slice of the "
+        f"training data ({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart). "
         f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
         "",
         "| method | "
@@ -709,7 +759,9 @@ def markdown(report: dict[str, Any]) -> str:
     if "majority" in report:
         lines.append(
             "| majority answer (no model) | "
-            + " | ".join(f"{100 * report['majority'][s]:.1f}" for s in sets)
+            + " | ".join(
+                f"{100 * report['majority'][s]:.1f}" if s in report["majority"] else "–" for s in sets
+            )
             + " | 100"
             + (" | –" if paired else "")
             + " | 0 | 0 | – | – | – | – |"
@@ -717,6 +769,9 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["summary"]:
         cells = []
         for s in sets:
+            if s not in row["test"]:  # a row of runs written before the option NLL was kept
+                cells.append("–")
+                continue
             mean, std = row["test"][s]
             cells.append(f"{mean:.3f} ± {std:.3f}" if s == "nll" else f"{mean:.1f} ± {std:.1f}")
         if picks:
@@ -748,7 +803,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if paired:
-        measures = "the average accuracy" if picks else "exact match and the reference NLL"
+        measures = (
+            "exact match and the reference NLL"
+            if not picks
+            else "average accuracy and option NLL"
+            if option_nll_kept
+            else "the average accuracy"
+        )
         lines += [
             f"\"Δ vs {PAIRED_REFERENCE}\": this row's {measures} minus {PAIRED_REFERENCE}'s, record by record on the "
             "same test records (each record averaged over a row's seeds first), ± the standard error of that "
@@ -779,8 +840,8 @@ def _paired_text(row: dict[str, Any]) -> str:
         name: f"{mean:+.3f} ± {error:.3f}" if name == "nll" else f"{mean:+.1f} ± {error:.1f}"
         for name, (mean, error) in row["vs_reference"].items()
     }
-    if set(parts) == {"average"}:
-        return parts["average"]
+    if "average" in parts:
+        return parts["average"] + (f", NLL {parts['nll']}" if "nll" in parts else "")
     return f"EM {parts['gsm8k']}, NLL {parts['nll']}"
 
 
@@ -794,8 +855,9 @@ def _bytes(row: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Test score against trainable parameters (log x), mean ± std over seeds; GSM8K gets a second panel with the
-    reference NLL (lower is better), its low-noise measure. Untrained rows are dashed lines."""
+    """Test score against trainable parameters (log x), mean ± std over seeds; a second panel with the task's
+    low-noise measure, the reference NLL (GSM8K) or the option NLL (commonsense, when its runs kept it), lower is
+    better. Untrained rows are dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -810,13 +872,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ]
     if task == "gsm8k":
         panels.append(("nll", "reference-solution NLL per token (lower is better)"))
+    elif any("nll" in row["test"] for row in report["summary"]):
+        panels.append(("nll", "option NLL, average of 4 sets (lower is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        if "majority" in report:
+        if key in report.get("majority", {}):
             ax.axhline(
                 100 * report["majority"][key], color="grey", ls=":", lw=1, label="majority answer (no model)"
             )
         for row in report["summary"]:
+            if key not in row["test"]:
+                continue
             mean, std = row["test"][key]
             if row["trainable_params"] == 0:
                 ax.axhline(mean, color="grey", ls="--", lw=1, label=f"{row['method']} (untrained)")
@@ -833,7 +899,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel without untrained rows or majority line has none
+            ax.legend(fontsize=8)
     fig.suptitle(f"{task}, {report['config']['model']}: test score vs trainable parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import sys
@@ -77,7 +78,7 @@ def _tiny_lm_and_tokenizer():
 def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
     model, tokenizer = _tiny_lm_and_tokenizer()
     records = [ARC, BOOLQ, {**ARC, "answer": "answer3", "output": "the correct answer is answer3"}]
-    brute = []
+    brute, brute_nll = [], []
     for record in records:
         prompt = llm.prompt_ids(tokenizer, record, "commonsense")
         options = llm.answer_options(record)
@@ -87,9 +88,19 @@ def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
         ]
         scores = [s for s, _ in llm.response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=1)]
         brute.append(options[llm.pick_option(scores)])
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+        brute_nll.append(-math.log(float(probs[options.index(record["answer"])])))
     assert llm.choice_predictions(model, tokenizer, records, batch_size=2) == brute
     right = sum(b == r["answer"] for b, r in zip(brute, records))
     assert llm.choice_accuracy(model, tokenizer, records, batch_size=2) == pytest.approx(right / 3)
+    picks, nlls = llm.choice_outcomes(model, tokenizer, records, batch_size=2)
+    assert picks == brute and nlls == pytest.approx(brute_nll, abs=1e-4)
+
+
+def test_option_nll_is_the_log_loss_over_the_options():
+    assert llm.option_nll(["a", "b"], [-3.0, -3.0], "b") == pytest.approx(math.log(2))  # a uniform guess
+    assert llm.option_nll(["a", "b", "c"], [0.0, -800.0, -800.0], "a") == pytest.approx(0.0)  # no underflow
+    assert llm.option_nll(["a", "b"], [-1.0, -2.0], "b") == pytest.approx(-math.log(1 / (1 + math.e)))
 
 
 def test_majority_baseline_answers_each_sets_most_common_training_answer():
@@ -255,6 +266,68 @@ def test_paired_difference_matches_a_direct_computation_and_shows_in_the_table(t
     lora["per_record"]["tokens"] = [5, 4, 4]
     with pytest.raises(ValueError, match="different token counts"):
         llm.paired_difference("gsm8k", [lora], [reference])
+
+
+def test_commonsense_picks_the_rate_by_held_out_option_nll_and_tables_it(tmp_path):
+    """Runs that kept the option NLL are ranked by it (not by the noisier held-out accuracy); it gets a column, a
+    paired difference and a plot panel; rows of runs written before it show "–"."""
+    import numpy as np
+
+    grid = llm.grids([llm.PAIRED_REFERENCE], SCALE)[llm.PAIRED_REFERENCE]
+    rng = np.random.default_rng(1)
+
+    def with_nll(row: dict, select_nll: float) -> dict:
+        row["per_record"] = {}
+        for name in llm.COMMONSENSE_SETS:
+            row["per_record"][name] = rng.integers(0, 2, 5).astype(float).tolist()
+            row["per_record"][f"{name}_nll"] = rng.uniform(0.2, 1.5, 5).tolist()
+        row["test_nll"] = {n: float(np.mean(row["per_record"][f"{n}_nll"])) for n in llm.COMMONSENSE_SETS}
+        row["test_nll"]["average"] = float(np.mean(list(row["test_nll"].values())))
+        return row | {"select_nll": select_nll}
+
+    # held-out accuracy prefers the top rate, the option NLL the lowest: the NLL decides
+    runs = [
+        with_nll(_row(llm.PAIRED_REFERENCE, lr, 0, acc), nll)
+        for lr, acc, nll in zip(grid, (0.5, 0.6, 0.7), (0.8, 0.9, 1.0))
+    ]
+    lora = with_nll(_row("lora-r8", 1e-3, 0, 0.5), 0.9)
+    runs += [lora, _row("vera-r32", 1e-2, 0, 0.5)]  # VeRA's run predates the option NLL
+    summary = llm.summarise("commonsense", runs, [llm.PAIRED_REFERENCE, "lora-r8", "vera-r32"], SCALE)
+    by_method = {row["method"]: row for row in summary}
+    assert by_method[llm.PAIRED_REFERENCE]["best_lr"] == grid[0]
+    assert by_method[llm.PAIRED_REFERENCE]["select_nll_by_lr"] == {
+        str(lr): n for lr, n in zip(grid, (0.8, 0.9, 1.0))
+    }
+    assert "nll" not in by_method["vera-r32"]["test"] and "vs_reference" not in by_method["vera-r32"]
+    reference = runs[0]
+    expected = np.mean(
+        [
+            np.mean(np.subtract(lora["per_record"][f"{n}_nll"], reference["per_record"][f"{n}_nll"]))
+            for n in llm.COMMONSENSE_SETS
+        ]
+    )
+    mean, error = by_method["lora-r8"]["vs_reference"]["nll"]
+    assert (
+        mean
+        == pytest.approx(expected)
+        == pytest.approx(lora["test_nll"]["average"] - reference["test_nll"]["average"])
+    )
+    report = _report(summary, runs) | {
+        "majority": {**{s: 0.25 for s in llm.COMMONSENSE_SETS}, "average": 0.25}
+    }
+    table = llm.markdown(report)
+    assert "| avg | option NLL | top pick (%) |" in table and "by its option NLL on a held-out slice" in table
+    assert "| majority answer (no model) | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | – | 100 |" in table
+    nll_mean = lora["test_nll"]["average"]
+    assert (
+        f"| {nll_mean:.3f} ± 0.000 | – | {by_method['lora-r8']['vs_reference']['average'][0]:+.1f}" in table
+    )
+    assert f", NLL {mean:+.3f} ± {error:.3f} |" in table
+    assert (
+        "| vera-r32 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 | – | – | – |" in table
+    )
+    llm.plot(report, tmp_path / "commonsense.png")  # two panels: accuracy and option NLL
+    assert (tmp_path / "commonsense.png").stat().st_size > 0
 
 
 def _commonsense_dir(tmp_path: Path) -> Path:
@@ -423,6 +496,9 @@ def test_run_one_trains_and_scores_a_tiny_model(tmp_path, monkeypatch, task, key
         assert row["test_acc"]["boolq"] == picks["boolq"].get("true", 0)  # its one record's answer is true
         assert row["per_record"]["boolq"] == [row["test_acc"]["boolq"]]
         assert sum(row["per_record"]["arc_e"]) / 2 == row["test_acc"]["arc_e"]
+        assert set(row["test_nll"]) == {"arc_e", "boolq", "average"} and row["select_nll"] > 0
+        assert sum(row["per_record"]["arc_e_nll"]) / 2 == pytest.approx(row["test_nll"]["arc_e"])
+        assert (row["per_record"]["boolq_nll"][0] < math.log(2)) == bool(row["test_acc"]["boolq"])
 
 
 def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ Protocol (the same for every method):
 Every run writes ``benchmarks/results/glue_<task>.json`` (full config, git commit and dirty flag, package
 versions, hardware, wall time, every run), ``glue_<task>.png`` (dev accuracy vs trainable parameters, log x) and
 ``benchmarks/README_glue.md`` (the table generated from the JSON). The JSON is rewritten after every run, so an
-interrupted benchmark still leaves its measurements.
+interrupted benchmark still leaves its measurements. Every run trains in a fresh spawned process
+(:mod:`workers`), so its peak memory is its own; the tables show none for runs that shared a process.
 
 A smoke run (``--quick``: head and OSoRA on 64 training rows, one seed and rate) writes to
 ``$TMPDIR/osora-bench-quick``, never to the committed results.
@@ -37,6 +38,10 @@ from pathlib import Path
 from osora.app import classify as C
 from osora.app.params import count_parameters
 from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_memory, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
+
+from workers import executor, runs_before  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +112,7 @@ def load_task(args: argparse.Namespace) -> tuple[C.Dataset, C.Dataset]:
 def run_one(
     method: str, lr: float, seed: int, args: argparse.Namespace, data: dict[str, C.Encoded], num_labels: int
 ) -> dict[str, object]:
+    earlier_runs = runs_before()  # only a process's first run measures its own peak memory
     reset_peak_memory()
     model, head = C.load_base(args.model, num_labels, seed, args.pooling)
     model = C.build(method, model, head, C.MethodSpec(method, args.lora_rank, args.vector_rank))
@@ -129,6 +135,7 @@ def run_one(
         "steps": result.steps,
         "final_loss": statistics.fmean(result.losses[-10:]),
         "peak_memory_bytes": peak,
+        "earlier_runs_in_process": earlier_runs,
     }
 
 
@@ -158,10 +165,18 @@ def summarise(
                 "trainable_params": best["trainable_params"],
                 "adapter_bytes": best["adapter_bytes"],
                 "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in final),
-                "peak_memory_mb": max(r["peak_memory_bytes"] for r in final) / 2**20,
+                "peak_memory_mb": own_peak_mb(final),
             }
         )
     return rows
+
+
+def own_peak_mb(runs: list[dict]) -> float | None:
+    """The highest peak memory among ``runs`` that were the first in their process (MB); None when none was: a
+    later run's CPU peak includes what its process kept from the runs before (every run written before each run
+    had a process of its own)."""
+    own = [r["peak_memory_bytes"] for r in runs if r.get("earlier_runs_in_process") == 0]
+    return max(own) / 2**20 if own else None
 
 
 def checks(summary: list[dict]) -> dict[str, object]:
@@ -213,15 +228,23 @@ def markdown(report: dict) -> str:
     ]
     for row in report["summary"]:
         edge = " (edge)" if row["best_lr_at_grid_edge"] else ""
+        final = [
+            r
+            for r in report["runs"]
+            if r["method"] == row["method"] and r["lr"] == row["best_lr"] and r["seed"] in row["seeds"]
+        ]
+        peak = own_peak_mb(final)  # from the runs, also for files whose summary predates the first-run rule
         lines.append(
             f"| {row['method']} | {row['dev_acc_mean']:.1f} ± {row['dev_acc_std']:.1f} | "
             f"{row['trainable_params']:,} | {row['adapter_bytes']:,} | {row['best_lr']:g}{edge} | "
-            f"{row['train_seconds_mean']:.0f} | {row['peak_memory_mb']:.0f} |"
+            f"{row['train_seconds_mean']:.0f} | {'–' if peak is None else f'{peak:.0f}'} |"
         )
     lines += [
         "",
         "Train time is wall clock per run and peak memory the process's peak resident set (CPU) or peak CUDA "
-        'allocation; on a shared CPU both are noisy. "(edge)": the chosen rate is the end of the grid.',
+        'allocation; on a shared CPU both are noisy. Peak memory "–": the runs shared one process, so each read '
+        "what the runs before it had left allocated (every run now has a process of its own). "
+        '"(edge)": the chosen rate is the end of the grid.',
         "",
         f"Command: `{report['command']}` ({report['wall_s'] / 60:.0f} min{reused_text(report['runs'])})",
         "",
@@ -414,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--reuse {path}: different training setup, ignored", file=sys.stderr)
 
     def run(method: str, lr: float, seed: int) -> dict:
-        return earlier.get((method, lr, seed)) or run_one(method, lr, seed, args, data, num_labels)
+        if (method, lr, seed) in earlier:
+            return earlier[(method, lr, seed)]
+        with executor(1, 0) as pool:  # a fresh process per run (:mod:`workers`): its peak memory is its own
+            return pool.submit(run_one, method, lr, seed, args, data, num_labels).result()
 
     # Method by method (sweep with the first seed, then the other seeds at the chosen rate), so that an
     # interrupted benchmark leaves complete rows.

@@ -53,7 +53,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from osora.app.scoring import option_response
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
 from glue import lr_grid  # noqa: E402
+from workers import executor, runs_before  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -451,11 +452,6 @@ def train(trainer: Any, precision: str) -> Any:
         return trainer.train()
 
 
-#: Runs this process has trained. On a CPU the peak memory is the process's resident high-water mark, which a
-#: reset cannot bring below what earlier runs left allocated; only a process's first run measures its own peak.
-_RUNS_IN_PROCESS = 0
-
-
 def run_one(
     task: str, key: str, lr: float, seed: int, args: argparse.Namespace, scale: Scale, data: dict[str, Any]
 ) -> dict[str, Any]:
@@ -472,9 +468,8 @@ def run_one(
     from osora.app.train import apply_method
 
     method = ROWS[key]
-    global _RUNS_IN_PROCESS
     row: dict[str, Any] = {"method": key, "lr": lr, "seed": seed, "steps": 0}
-    row["earlier_runs_in_process"], _RUNS_IN_PROCESS = _RUNS_IN_PROCESS, _RUNS_IN_PROCESS + 1
+    row["earlier_runs_in_process"] = runs_before()  # only a process's first run measures its own peak memory
     reset_peak_memory()
     started = time.time()
     set_seed(seed)
@@ -1125,45 +1120,6 @@ def main(argv: list[str] | None = None) -> int:
                 save(record.finish(**results))
     save(record.finish(**results))
     return 0
-
-
-def executor(workers: int, threads: int) -> Executor:
-    """Where runs go: ``workers`` spawned processes (CUDA needs spawn), each with ``threads`` torch threads, and a
-    fresh one for every run, so that a run's peak memory is its own (a process keeps the memory an earlier run
-    freed: in a reused one, a base-model run after DoRA read DoRA's 10.5 GB). Runs are independent and seeded, so a
-    run's result does not depend on which process trains it; its wall time does (runs that share a GPU or the cores
-    slow each other)."""
-    import multiprocessing
-
-    return ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(threads, os.getpid()),
-        max_tasks_per_child=1,
-    )
-
-
-def _start_worker(threads: int, parent: int) -> None:
-    """A worker's set-up: its torch threads, and a watchdog that ends it once the runner is gone (killed, say):
-    an orphaned worker would otherwise train its run to the end on cores nobody reads the result of."""
-    import threading
-
-    _set_threads(threads)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="runner-watchdog").start()
-
-
-def _set_threads(threads: int) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

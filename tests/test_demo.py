@@ -291,8 +291,24 @@ def _glue_module():  # benchmarks/ is not a package: load the runner by path
     return module
 
 
-def test_glue_runner_on_tiny_pair_task(tiny_bert: str, tmp_path: Path) -> None:
-    glue = _glue_module()
+@pytest.fixture
+def glue(monkeypatch: pytest.MonkeyPatch):
+    """The runner, with each run's fresh process (benchmarks/workers.py, tested in test_bench_llm.py) replaced by
+    a thread: spawning one per tiny run would cost seconds each. ``glue.pools`` counts the runs sent to one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = _glue_module()
+    module.pools = []
+
+    def one_thread(workers: int, threads: int) -> ThreadPoolExecutor:
+        module.pools.append((workers, threads))
+        return ThreadPoolExecutor(workers)
+
+    monkeypatch.setattr(module, "executor", one_thread)
+    return module
+
+
+def test_glue_runner_on_tiny_pair_task(glue, tiny_bert: str, tmp_path: Path) -> None:
     data = tmp_path / "rte"
     data.mkdir()
     task = demo.generate_task(40, 12, seed=2)
@@ -308,6 +324,8 @@ def test_glue_runner_on_tiny_pair_task(tiny_bert: str, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "res" / "glue_rte.json").read_text())
     assert {"provenance", "config", "wall_s", "peak_memory_bytes", "runs", "summary"} <= report.keys()
     assert len(report["runs"]) == 2 * (2 + 1)  # per method: the 2-point sweep, then seed 1 at the chosen rate
+    assert glue.pools == [(1, 0)] * 6  # every run sent to a pool of its own
+    assert all(r["earlier_runs_in_process"] >= 0 for r in report["runs"])
     for row in report["summary"]:
         assert row["seeds"] == [0, 1] and row["best_lr"] in report["config"]["lr_grids"][row["method"]]
     assert (tmp_path / "res" / "glue_rte.png").exists()
@@ -317,11 +335,21 @@ def test_glue_runner_on_tiny_pair_task(tiny_bert: str, tmp_path: Path) -> None:
     assert glue.main(argv + ["--readme", str(tmp_path / "again.md")]) == 0
     again = json.loads((tmp_path / "res" / "glue_again.json").read_text())
     assert all("reused_from" in r for r in again["runs"]) and again["summary"] == report["summary"]
+    assert len(glue.pools) == 6  # the reused runs were not trained again
 
 
-def test_glue_runner_reads_a_datasets_source(tiny_bert: str, tmp_path: Path) -> None:
-    """--hub goes through datasets.load_dataset: here a local folder of JSON-lines splits (no network)."""
+def test_glue_table_shows_only_the_peak_memory_of_runs_first_in_their_process() -> None:
     glue = _glue_module()
+    runs = [
+        {"peak_memory_bytes": 2**30, "earlier_runs_in_process": 1},
+        {"peak_memory_bytes": 2**29, "earlier_runs_in_process": 0},
+        {"peak_memory_bytes": 2**31},  # written before runs had processes of their own
+    ]
+    assert glue.own_peak_mb(runs) == 512.0 and glue.own_peak_mb(runs[::2]) is None
+
+
+def test_glue_runner_reads_a_datasets_source(glue, tiny_bert: str, tmp_path: Path) -> None:
+    """--hub goes through datasets.load_dataset: here a local folder of JSON-lines splits (no network)."""
     data = tmp_path / "local_glue"
     data.mkdir()
     task = demo.generate_task(30, 12, seed=3)

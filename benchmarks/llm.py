@@ -20,9 +20,10 @@ Protocol (the same for every method):
   1. The training sets are shuffled with ``--data-seed``; the first records train, the next ones form a held-out
      *selection* slice. Test sets are never used to choose anything.
   2. Each method's learning rate comes from a log grid (the scale's ``grid_points`` values ``grid_step`` apart,
-     centred on the row's ``lr_centre`` in :data:`ROWS`), trained with the first seed and scored on the selection slice (commonsense: option
-     NLL; GSM8K: reference NLL). The best rate (a tie goes to the lower) is trained with every other seed; the table
-     reports mean ± std over the seeds.
+     centred on the row's ``lr_centre`` in :data:`ROWS`), trained with the first seed and scored on the selection
+     slice (commonsense: option NLL; GSM8K: reference NLL). Where the best rate is an end of the grid, the grid
+     grows past that end, one rate at a time, up to :data:`GRID_EXTENSIONS` rates. The best rate (a tie goes to the
+     lower) is trained with every other seed; the table reports mean ± std over the seeds.
   3. Runs are scheduled in passes so that a benchmark cut short still answers the main questions: every method at
      its grid centre, then the rest of the grids, then the extra seeds.
 
@@ -563,11 +564,46 @@ def selection_score(task: str, row: dict[str, Any]) -> float:
     return -row["select_nll"]
 
 
-def grids(methods: Sequence[str], scale: Scale) -> dict[str, list[float]]:
-    return {
-        m: [0.0] if ROWS[m].name == "base" else lr_grid(ROWS[m].lr_centre, scale.grid_points, scale.grid_step)
-        for m in methods
-    }
+#: How many rates a method's grid may grow by in all, one grid step past an end at a time (:func:`grids`).
+GRID_EXTENSIONS = 2
+
+
+def grids(
+    methods: Sequence[str], scale: Scale, task: str = "", runs: Sequence[dict[str, Any]] = ()
+) -> dict[str, list[float]]:
+    """Each method's learning rates: ``grid_points`` rates ``grid_step`` apart centred on its row's ``lr_centre``.
+
+    With ``runs`` (of ``task``) a grid grows: once every rate in it has been trained with the first seed and the
+    pick (:func:`best_lr`) is one of its ends, the next rate past that end joins it, at most
+    :data:`GRID_EXTENSIONS` rates in all. A pick at an edge says the best rate may lie beyond it."""
+    first, out = scale.seeds[0], {}
+    for m in methods:
+        if ROWS[m].name == "base":
+            out[m] = [0.0]
+            continue
+        wide = lr_grid(ROWS[m].lr_centre, scale.grid_points + 2 * GRID_EXTENSIONS, scale.grid_step)
+        lo, hi = GRID_EXTENSIONS, GRID_EXTENSIONS + scale.grid_points - 1  # the grid is wide[lo : hi + 1]
+        while runs and hi - lo + 1 < scale.grid_points + GRID_EXTENSIONS:
+            sweep = [
+                r for r in runs if r["method"] == m and r["seed"] == first and r["lr"] in wide[lo : hi + 1]
+            ]
+            if {r["lr"] for r in sweep} != set(wide[lo : hi + 1]):
+                break
+            pick = best_lr(task, sweep, m, first)
+            if pick == wide[hi]:
+                hi += 1
+            elif pick == wide[lo]:
+                lo -= 1
+            else:
+                break
+        out[m] = wide[lo : hi + 1]
+    return out
+
+
+def grid_centre(method: str, scale: Scale) -> float:
+    """The middle rate of ``method``'s grid before it grew: the first rate it trains."""
+    grid = grids([method], scale)[method]
+    return grid[len(grid) // 2]
 
 
 def best_lr(task: str, runs: Sequence[dict[str, Any]], method: str, seed: int) -> float | None:
@@ -581,14 +617,15 @@ def best_lr(task: str, runs: Sequence[dict[str, Any]], method: str, seed: int) -
 def schedule(
     task: str, runs: Sequence[dict[str, Any]], methods: Sequence[str], scale: Scale
 ) -> list[tuple[str, float, int]]:
-    """The runs still to do, in passes: every method at its grid centre, the rest of the grids, the extra seeds.
+    """The runs still to do, in passes: every method at its grid centre, the rest of the grids (grown where the
+    pick sits at an end, :func:`grids`), the extra seeds.
 
     The extra seeds of a method wait until its grid is complete (the pick is only known then)."""
     done = {(r["method"], r["lr"], r["seed"]) for r in runs}
-    grid = grids(methods, scale)
+    grid = grids(methods, scale, task, runs)
     first = scale.seeds[0]
     todo: list[tuple[str, float, int]] = []
-    todo += [(m, grid[m][len(grid[m]) // 2], first) for m in methods]
+    todo += [(m, grid_centre(m, scale), first) for m in methods]
     todo += [(m, lr, first) for m in methods for lr in grid[m]]
     for m in methods:
         if all((m, lr, first) in done for lr in grid[m]):
@@ -662,7 +699,7 @@ def summarise(
 ) -> list[dict[str, Any]]:
     """One row per method with runs: the rate picked so far, mean ± std over the seeds run at it, costs, and the
     paired difference from :data:`PAIRED_REFERENCE`."""
-    grid = grids(methods, scale)
+    grid = grids(methods, scale, task, runs)
     reference_lr = best_lr(task, runs, PAIRED_REFERENCE, scale.seeds[0])
     reference = [r for r in runs if r["method"] == PAIRED_REFERENCE and r["lr"] == reference_lr]
     rows = []
@@ -741,7 +778,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{PRECISION_TEXT[scale.get('precision', 'fp32')]}; "
         f"test: {measure}, first {scale['test_size'] or 'all'} records of each test set; mean ± std over the seeds "
         f"run at the picked rate. Learning rate picked per method by its {criterion} on a held-out slice of the "
-        f"training data ({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart). "
+        f"training data ({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart, grown past an end by up "
+        f"to {GRID_EXTENSIONS} rates while the pick sits there). "
         f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
         "",
         "| method | "

@@ -178,6 +178,36 @@ def test_schedule_runs_centres_first_then_grids_then_seeds_at_the_pick():
     assert not any(m == "osora-r32" and seed == 0 for m, _, seed in todo)
 
 
+def test_a_grid_grows_past_the_end_its_pick_sits_at():
+    m = "osora-S-r32"
+    grid = llm.grids([m], SCALE)[m]
+    step = SCALE.grid_step
+    runs = [_row(m, lr, 0, s) for lr, s in zip(grid, (0.1, 0.2, 0.3))]  # the top rate wins
+    up = llm.grids([m], SCALE, "commonsense", runs)[m]
+    assert up[:3] == grid and up[3] == pytest.approx(grid[2] * step, rel=1e-2)
+    todo = llm.schedule("commonsense", runs, [m], SCALE)
+    assert todo == [(m, up[3], 0)]  # no extra seed while the grid grows
+    runs.append(_row(m, up[3], 0, 0.4))  # the new rate wins again: one more, then the cap
+    top = llm.grids([m], SCALE, "commonsense", runs)[m]
+    assert len(top) == 3 + llm.GRID_EXTENSIONS and llm.schedule("commonsense", runs, [m], SCALE) == [
+        (m, top[4], 0)
+    ]
+    runs.append(_row(m, top[4], 0, 0.5))
+    assert llm.grids([m], SCALE, "commonsense", runs)[m] == top  # capped although the pick is still the end
+    assert llm.schedule("commonsense", runs, [m], SCALE) == [(m, top[4], 1)]
+    (row,) = llm.summarise("commonsense", runs, [m], SCALE)
+    assert row["grid"] == top and row["grid_complete"] and row["best_lr_at_grid_edge"]
+    down = [
+        _row(m, lr, 0, s) for lr, s in zip(grid, (0.3, 0.2, 0.1))
+    ]  # the lowest rate wins: grows downwards
+    assert llm.grids([m], SCALE, "commonsense", down)[m][1:] == grid
+    middle = [_row(m, lr, 0, s) for lr, s in zip(grid, (0.1, 0.3, 0.2))]
+    assert llm.grids([m], SCALE, "commonsense", middle)[m] == grid
+    assert (
+        llm.grids([m], SCALE, "commonsense", middle[:2])[m] == grid
+    )  # not grown before the grid is complete
+
+
 def _report(summary: list, runs: list) -> dict:
     """A result file's fields that the table and the plot read, around ``summary`` and ``runs``."""
     return {
@@ -347,7 +377,7 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     def fake_run(task, key, lr, seed, args, scale, data):
         calls.append((key, lr, seed))
         assert len(data["train"]) == 4 and len(data["test"]["arc_e"]) == 2
-        return _row(key, lr, seed, select=0.5 + lr)
+        return _row(key, lr, seed, select=1.0 - abs(lr - 0.01))  # osora-r32's grid centre wins: no growth
 
     monkeypatch.setattr(llm, "run_one", fake_run)
     monkeypatch.setattr(llm, "executor", lambda workers, threads: ThreadPoolExecutor(workers))
@@ -516,13 +546,14 @@ def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monke
     argv += ["--readme-dir", str(tmp_path), "--methods", "base", "osora-r32", "lora-r8", "--seeds", "0", "1"]
     argv += ["--train-size", "4", "--select-size", "1", "--test-size", "2", "--workers", "3"]
     assert llm.main(argv) == 0
-    assert len(calls) == len(set(calls)) == 1 + 3 + 3 + 2  # the grids, then one more seed per method
+    grown = 3 + llm.GRID_EXTENSIONS  # the highest rate always wins here: each grid grows to its cap
+    assert len(calls) == len(set(calls)) == 1 + 2 * grown + 2  # the grids, then one more seed per method
     runs = json.loads((tmp_path / "out" / "llm_commonsense_cpu.json").read_text())["runs"]
-    assert len(runs) == 9 and {r["concurrent_runs"] for r in runs} == {3}
-    grid = llm.grids(["osora-r32"], llm.SCALES[("commonsense", "cpu")])["osora-r32"]
+    assert len(runs) == len(calls) and {r["concurrent_runs"] for r in runs} == {3}
+    grid = llm.grids(["osora-r32"], llm.SCALES[("commonsense", "cpu")], "commonsense", runs)["osora-r32"]
     seeds = [i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 1]
     assert seeds and seeds[0] > max(i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 0)
-    assert calls[seeds[0]][1] == max(grid)  # the best selection score: the highest rate here
+    assert len(grid) == grown and calls[seeds[0]][1] == max(grid)  # the best selection score: the highest rate
     with pytest.raises(SystemExit):
         llm.parse_args(["--task", "gsm8k", "--workers", "0"])
 

@@ -553,7 +553,9 @@ def test_workers_run_the_schedule_concurrently_and_each_run_once(tmp_path, monke
     grid = llm.grids(["osora-r32"], llm.SCALES[("commonsense", "cpu")], "commonsense", runs)["osora-r32"]
     seeds = [i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 1]
     assert seeds and seeds[0] > max(i for i, c in enumerate(calls) if c[0] == "osora-r32" and c[2] == 0)
-    assert len(grid) == grown and calls[seeds[0]][1] == max(grid)  # the best selection score: the highest rate
+    assert len(grid) == grown and calls[seeds[0]][1] == max(
+        grid
+    )  # the best selection score: the highest rate
     with pytest.raises(SystemExit):
         llm.parse_args(["--task", "gsm8k", "--workers", "0"])
 

@@ -43,3 +43,27 @@ def test_record_measures_and_writes_atomically(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["unit.json"]  # no temporary file left behind
     with pytest.raises(ValueError, match="missing"):
         write_result(path, {"benchmark": "unit"})
+
+
+def test_git_state_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path: Path) -> None:
+    import subprocess
+
+    from osora.app.provenance import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    files = ["benchmarks/results/x.json", "benchmarks/README_x.md", "benchmarks/x.py"]
+    for name in files:
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text("1\n")  # a resumed benchmark's own output
+    (tmp_path / "benchmarks" / "results" / "x.png").write_text("new\n")
+    (tmp_path / "benchmarks" / "README_x.md").write_text("1\n")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "x.py").write_text("1\n")  # the code that measures
+    assert git_state(tmp_path)["dirty"] is True

@@ -52,8 +52,14 @@ RECORD_KEYS = ("benchmark", "command", "config", "provenance", "wall_s", "peak_m
 _ROOT = Path(__file__).resolve().parents[3]  # the checkout (src/osora/app/provenance.py)
 
 
+#: What the benchmarks themselves write (results, their tables and plots): a change there does not make the code
+#: that measured them differ from its commit.
+BENCHMARK_OUTPUTS = (":(exclude)benchmarks/results", ":(exclude,glob)benchmarks/README_*.md")
+
+
 def git_state(root: Path = _ROOT) -> dict[str, Any]:
-    """The commit checked out at ``root`` and whether the work tree differs from it (None outside git)."""
+    """The commit checked out at ``root`` and whether the work tree differs from it outside
+    :data:`BENCHMARK_OUTPUTS` (None outside git): a benchmark resumed from its own uncommitted results is clean."""
 
     def git(*args: str) -> str | None:
         try:
@@ -63,7 +69,7 @@ def git_state(root: Path = _ROOT) -> dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if commit else None
+    status = git("status", "--porcelain", "--", ".", *BENCHMARK_OUTPUTS) if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

@@ -80,7 +80,7 @@ COMMONSENSE_SETS = ("boolq", "arc_e", "arc_c", "obqa")
 class Row:
     """A row of the table: a method of the registry (:data:`osora.app.methods.METHODS`) and its rank."""
 
-    name: str  # osora, osora-S, osora-O, lora, vera, pissa, dora, full, or "base" (no training)
+    name: str  # osora, osora-S, osora-O, osora-scaled, lora, vera, pissa, dora, full, or "base" (no training)
     r: int = 0
     lr_centre: float = 0.0
 
@@ -104,6 +104,8 @@ ROWS: dict[str, Row] = {
     "lora-r32": Row("lora", 32, 1e-3),
     "pissa-r8": Row("pissa", 8, 3e-4),
     "dora-r8": Row("dora", 8, 1e-3),
+    # the learning-rate rule's candidate: S = σ ⊙ s with s trained, so Adam moves S and O by the same relative step
+    "osora-scaled-r32": Row("osora-scaled", 32, 1e-2),
     "full": Row("full", 0, 3e-5),
 }
 

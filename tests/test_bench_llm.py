@@ -466,6 +466,7 @@ def test_render_keeps_an_earlier_files_provenance_and_runs(tmp_path, monkeypatch
         ("commonsense", "osora-r32", "bf16"),
         ("gsm8k", "lora-r8", "bf16"),
         ("gsm8k", "osora-r32", "fp32"),
+        ("gsm8k", "osora-scaled-r32", "bf16"),
         ("commonsense", "base", "bf16"),
     ],
 )

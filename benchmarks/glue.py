@@ -368,12 +368,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def read_result(path: Path) -> dict:
+    """A result file written by this benchmark; a missing or unreadable one ends the run with a message naming it."""
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--render: no result file {path}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--render: {path} is not a result file (invalid JSON: {e})") from None
+    if not isinstance(report, dict) or report.get("benchmark") != "glue":
+        raise SystemExit(f"--render: {path} is not a result of benchmarks/glue.py")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     args = parse_args(argv)
     if args.render:
-        reports = [json.loads(Path(path).read_text()) for path in args.render]
+        reports = [read_result(Path(path)) for path in args.render]
         Path(args.readme).write_text("\n".join(markdown(report) for report in reports))
         return 0
     train, dev = load_task(args)

@@ -388,3 +388,17 @@ def test_demo_on_minilm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert rows["osora"]["accuracy"] > rows["head"]["accuracy"]
     assert rows["lora"]["trainable_params"] >= 10 * rows["osora"]["trainable_params"]
     assert "identical predictions" in capsys.readouterr().out
+
+
+def test_glue_render_names_a_missing_or_foreign_result_file(tmp_path: Path) -> None:
+    glue = _glue_module()
+    readme = ["--readme", str(tmp_path / "README.md")]
+    with pytest.raises(SystemExit, match="no result file .*absent.json"):
+        glue.main(["--render", str(tmp_path / "absent.json"), *readme])
+    (tmp_path / "cut.json").write_text('{"benchmark": "glue", "runs": [')  # a half-written file
+    with pytest.raises(SystemExit, match="cut.json is not a result file .invalid JSON"):
+        glue.main(["--render", str(tmp_path / "cut.json"), *readme])
+    (tmp_path / "other.json").write_text('{"benchmark": "svd_init"}')
+    with pytest.raises(SystemExit, match="other.json is not a result of benchmarks/glue.py"):
+        glue.main(["--render", str(tmp_path / "other.json"), *readme])
+    assert not (tmp_path / "README.md").exists()  # nothing written

@@ -41,7 +41,7 @@ from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
-from workers import executor, runs_before  # noqa: E402
+from workers import executor, own_peak_mb, runs_before  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def summarise(
         if not sweep:
             continue
         best = max(sweep, key=lambda r: r["select_acc"])
-        final = [r for r in runs if r["method"] == method and r["lr"] == best["lr"] and r["seed"] in seeds]
+        final = runs_at(runs, method, best["lr"], seeds)
         accs = [100 * r["dev_acc"] for r in final]
         rows.append(
             {
@@ -171,12 +171,9 @@ def summarise(
     return rows
 
 
-def own_peak_mb(runs: list[dict]) -> float | None:
-    """The highest peak memory among ``runs`` that were the first in their process (MB); None when none was: a
-    later run's CPU peak includes what its process kept from the runs before (every run written before each run
-    had a process of its own)."""
-    own = [r["peak_memory_bytes"] for r in runs if r.get("earlier_runs_in_process") == 0]
-    return max(own) / 2**20 if own else None
+def runs_at(runs: list[dict], method: str, lr: float, seeds: list[int]) -> list[dict]:
+    """``method``'s runs at ``lr`` with any of ``seeds``: a row's final runs once ``lr`` is picked."""
+    return [r for r in runs if r["method"] == method and r["lr"] == lr and r["seed"] in seeds]
 
 
 def checks(summary: list[dict]) -> dict[str, object]:
@@ -228,12 +225,8 @@ def markdown(report: dict) -> str:
     ]
     for row in report["summary"]:
         edge = " (edge)" if row["best_lr_at_grid_edge"] else ""
-        final = [
-            r
-            for r in report["runs"]
-            if r["method"] == row["method"] and r["lr"] == row["best_lr"] and r["seed"] in row["seeds"]
-        ]
-        peak = own_peak_mb(final)  # from the runs, also for files whose summary predates the first-run rule
+        # from the runs, also for files whose summary predates the first-in-process rule
+        peak = own_peak_mb(runs_at(report["runs"], row["method"], row["best_lr"], row["seeds"]))
         lines.append(
             f"| {row['method']} | {row['dev_acc_mean']:.1f} ± {row['dev_acc_std']:.1f} | "
             f"{row['trainable_params']:,} | {row['adapter_bytes']:,} | {row['best_lr']:g}{edge} | "

@@ -66,7 +66,7 @@ from osora.app.scoring import option_response
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
 from glue import lr_grid  # noqa: E402
-from workers import executor, runs_before  # noqa: E402
+from workers import executor, own_peak_mb, runs_before  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -336,15 +336,6 @@ def choice_scores(
     ]
 
 
-def choice_predictions(
-    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
-) -> list[str]:
-    """The option each question's log-likelihood ranking picks ("answer2", "true", …), in record order."""
-    return [
-        opts[pick_option(scores)] for opts, scores in choice_scores(model, tokenizer, records, batch_size)
-    ]
-
-
 def option_nll(options: Sequence[str], scores: Sequence[float], answer: str) -> float:
     """−log of the correct option's probability among the question's options (their likelihoods normalised to
     sum to 1): the log-loss of the ranking, 0 when sure and right, log(#options) for a uniform guess (nats)."""
@@ -371,11 +362,6 @@ def reference_answer(record: dict[str, Any]) -> str:
 
 def accuracy_of(picks: Sequence[str], records: Sequence[dict[str, Any]]) -> float:
     return statistics.fmean(p == reference_answer(r) for p, r in zip(picks, records, strict=True))
-
-
-def choice_accuracy(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int) -> float:
-    """Accuracy of the log-likelihood ranking of each question's options."""
-    return accuracy_of(choice_predictions(model, tokenizer, records, batch_size), records)
 
 
 def majority_baseline(data: dict[str, Any]) -> dict[str, float]:
@@ -637,11 +623,6 @@ def schedule(
     return [k for k in todo if not (k in done or k in seen or seen.add(k))]  # type: ignore[func-returns-value]
 
 
-def _own_peaks(runs: Sequence[dict[str, Any]]) -> list[int]:
-    """The peak memory of the runs that were their process's first (the others' include what earlier ones left)."""
-    return [r["peak_memory_bytes"] for r in runs if r.get("earlier_runs_in_process") == 0]
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -723,7 +704,7 @@ def summarise(
             "adapter_bytes": final[0]["adapter_bytes"],
             "compact_adapter_bytes": final[0].get("compact_adapter_bytes"),
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in final),
-            "peak_memory_mb": max(own_peaks) / 2**20 if (own_peaks := _own_peaks(final)) else None,
+            "peak_memory_mb": own_peak_mb(final),
             "test": {},
         }
         for name in final[0]["test_acc"]:

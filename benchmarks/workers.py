@@ -14,7 +14,9 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any
 
 _RUNS_IN_PROCESS = 0
 
@@ -24,6 +26,13 @@ def runs_before() -> int:
     global _RUNS_IN_PROCESS
     before, _RUNS_IN_PROCESS = _RUNS_IN_PROCESS, _RUNS_IN_PROCESS + 1
     return before
+
+
+def own_peak_mb(runs: Iterable[dict[str, Any]]) -> float | None:
+    """The highest ``peak_memory_bytes`` (in MB) among ``runs`` that were the first in their process; None when
+    none was (a run written before the count was kept may have shared its process)."""
+    own = [r["peak_memory_bytes"] for r in runs if r.get("earlier_runs_in_process") == 0]
+    return max(own) / 2**20 if own else None
 
 
 def executor(workers: int, threads: int) -> Executor:

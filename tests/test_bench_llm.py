@@ -75,7 +75,7 @@ def _tiny_lm_and_tokenizer():
     return model.eval(), tokenizer
 
 
-def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
+def test_choice_outcomes_match_brute_force_full_sequence_scoring():
     model, tokenizer = _tiny_lm_and_tokenizer()
     records = [ARC, BOOLQ, {**ARC, "answer": "answer3", "output": "the correct answer is answer3"}]
     brute, brute_nll = [], []
@@ -90,11 +90,10 @@ def test_choice_accuracy_matches_brute_force_full_sequence_scoring():
         brute.append(options[llm.pick_option(scores)])
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
         brute_nll.append(-math.log(float(probs[options.index(record["answer"])])))
-    assert llm.choice_predictions(model, tokenizer, records, batch_size=2) == brute
-    right = sum(b == r["answer"] for b, r in zip(brute, records))
-    assert llm.choice_accuracy(model, tokenizer, records, batch_size=2) == pytest.approx(right / 3)
     picks, nlls = llm.choice_outcomes(model, tokenizer, records, batch_size=2)
     assert picks == brute and nlls == pytest.approx(brute_nll, abs=1e-4)
+    right = sum(b == r["answer"] for b, r in zip(brute, records))
+    assert llm.accuracy_of(picks, records) == pytest.approx(right / 3)
 
 
 def test_option_nll_is_the_log_loss_over_the_options():

@@ -339,7 +339,7 @@ def test_glue_runner_on_tiny_pair_task(glue, tiny_bert: str, tmp_path: Path) -> 
 
 
 def test_glue_table_shows_only_the_peak_memory_of_runs_first_in_their_process() -> None:
-    glue = _glue_module()
+    glue = _glue_module()  # workers.own_peak_mb, as the glue table uses it
     runs = [
         {"peak_memory_bytes": 2**30, "earlier_runs_in_process": 1},
         {"peak_memory_bytes": 2**29, "earlier_runs_in_process": 0},

@@ -1019,7 +1019,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="runs trained at once, each in its own process (on one GPU a 135M model uses a fraction of it); "
-        "1: one after another in this process",
+        "1: one after another",
     )
     p.add_argument("--render", action="store_true", help="only rewrite the table and plot from the JSON")
     args = p.parse_args(argv)
@@ -1041,13 +1041,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     overrides |= {"train_size": args.train_size, "select_size": args.select_size, "precision": args.precision}
     scale = replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+    if not args.render and not args.data_dir.is_dir():
+        raise SystemExit(
+            f"--data-dir {args.data_dir}: no such folder (the {args.task} data; default: ../shared/data/{args.task} "
+            "next to the checkout)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     name = readme_name(args.task, args.scale, scale.precision)
     json_path = args.out / f"{name}.json"
     png_path = json_path.with_suffix(".png")
     readme_path = args.readme_dir / f"README_{name}.md"
     setup = setup_of(args, scale)
-    earlier: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    try:
+        earlier: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(
+            f"{json_path} is not a complete result file ({e}); it is left as it is: move it away, or pass --out DIR"
+        ) from None
     if earlier:
         earlier = as_record(earlier)
         if earlier["config"]["setup"] != setup:

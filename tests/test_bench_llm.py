@@ -407,6 +407,31 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     assert [row["method"] for row in report["summary"]] == ["base", "osora-r32", "lora-r8"]
 
 
+def test_main_names_a_missing_data_folder_and_keeps_a_half_written_result(tmp_path):
+    out = tmp_path / "out"
+    argv = [
+        "--task",
+        "commonsense",
+        "--out",
+        str(out),
+        "--readme-dir",
+        str(tmp_path),
+        "--methods",
+        "osora-r32",
+    ]
+    with pytest.raises(SystemExit, match="--data-dir .*absent: no such folder"):
+        llm.main([*argv, "--data-dir", str(tmp_path / "absent")])
+    out.mkdir()  # the refused run created nothing
+    cut = '{"benchmark": "llm", "runs": [{"method": "osora-r32", "lr"'  # a file cut short mid-write
+    (out / "llm_commonsense_cpu.json").write_text(cut)
+    data_dir = _commonsense_dir(tmp_path / "data")
+    with pytest.raises(
+        SystemExit, match="llm_commonsense_cpu.json is not a complete result file .* left as it is"
+    ):
+        llm.main([*argv, "--data-dir", str(data_dir)])
+    assert (out / "llm_commonsense_cpu.json").read_text() == cut  # nothing overwritten
+
+
 def test_update_readme_check_regenerates_llm_tables_from_their_json(tmp_path, monkeypatch):
     update = update_readme
     bench = tmp_path / "benchmarks"

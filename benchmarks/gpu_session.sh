@@ -32,7 +32,7 @@ if [[ $part == prepare ]]; then
     rm -rf .whl .gpu && mkdir -p .whl .gpu/a .gpu/b
     # the versions this checkout is tested with, for the packages that machine lacks or has in other versions
     pins=$($venv -c 'from importlib.metadata import version as v
-print(" ".join(f"{n}=={v(n)}" for n in "transformers peft datasets dill multiprocess gguf jsonargparse docstring_parser typeshed_client".split()))')
+print(" ".join(f"{n}=={v(n)}" for n in "transformers peft datasets dill multiprocess xxhash gguf jsonargparse docstring_parser typeshed_client".split()))')
     # shellcheck disable=SC2086
     $venv -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

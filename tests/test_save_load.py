@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -123,6 +125,54 @@ def test_compact_adapter_refuses_a_different_base(tmp_path: Path) -> None:
     trained_model().save_pretrained(tmp_path / "full")
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
         PeftModel.from_pretrained(tiny_model("llama", seed=1), tmp_path / "full")
+
+
+def _digest(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A fingerprint computed independently of osora: hash of shape|dtype| and the weight's bytes."""
+    h = xxhash.xxh3_128() if name == "xxh3_128" else hashlib.sha256()
+    h.update(
+        f"{tuple(weight.shape)}|{weight.dtype}|".encode()
+        + weight.detach().contiguous().view(torch.uint8).numpy().tobytes()
+    )
+    return torch.tensor(list(h.digest()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("save_factors", [False, True], ids=["compact", "with-factors"])
+def test_files_with_the_earlier_sha256_fingerprints_load_and_are_still_checked(
+    save_factors: bool, tmp_path: Path
+) -> None:
+    model = trained_model(save_factors=save_factors)
+    ids = tiny_inputs()
+    expected = logits(model, ids)
+    osora.save_adapter(model, tmp_path / "new")
+    tensors = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    base = dict(tiny_model("llama").named_modules())
+    suffix = ".osora_fingerprint"
+    fingerprints = [k for k in tensors if k.endswith(suffix)]
+    assert fingerprints
+    for key in fingerprints:  # today's files: XXH3-128 of the base weight
+        weight = base[key.removesuffix(suffix).removeprefix("base_model.model.")].weight
+        assert torch.equal(tensors[key], _digest("xxh3_128", weight))
+        tensors[key] = _digest("sha256", weight)  # what osora wrote before
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    tensors = {k: v for k, v in tensors.items() if k != CHECKSUM_KEY}
+    save_file({**tensors, CHECKSUM_KEY: tensors_checksum(tensors)}, old / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = PeftModel.from_pretrained(tiny_model("llama"), old)
+    torch.testing.assert_close(logits(loaded, ids), expected, atol=0, rtol=0)
+    osora.save_adapter(loaded, tmp_path / "again")  # it keeps the file's fingerprints, which still verify
+    PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "again")
+    other = tiny_model("llama", seed=1)
+    if save_factors:
+        with pytest.warns(UserWarning, match="fingerprint mismatch"):
+            PeftModel.from_pretrained(other, old)
+    else:
+        with pytest.raises(
+            osora.AdapterFileError, match="differs from the one adapter 'default' was trained on"
+        ):
+            PeftModel.from_pretrained(other, old)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "missing"])

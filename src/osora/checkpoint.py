@@ -9,16 +9,18 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FINGERPRINT_BYTES = 32
+#: Fingerprint algorithm by digest length. XXH3-128 hashes at memory speed (SmolLM2-135M's 210 weights, 425 MB:
+#: 0.017 s on one thread, against 0.245 s for SHA-256); adapter files saved before it carry SHA-256 and still verify.
+FINGERPRINT_ALGORITHMS = {16: "xxh3_128", 32: "sha256"}
 #: Key of the SHA-256 of an adapter file's other ``osora_*`` tensors, written at save and verified on load.
 CHECKSUM_KEY = "osora_checksum"
 
@@ -27,28 +29,31 @@ class AdapterFileError(ValueError):
     """An adapter file is missing, truncated or corrupt, or does not fit the model it is loaded onto."""
 
 
-def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """SHA-256 of a weight's shape, dtype and bytes, as a uint8 tensor of 32 entries (on the CPU).
+def weight_fingerprint(weight: torch.Tensor, algorithm: str = "xxh3_128") -> torch.Tensor:
+    """Hash of a weight's shape, dtype and bytes as a uint8 tensor (on the CPU): XXH3-128 (16 entries) by default,
+    or ``"sha256"`` (32 entries), the fingerprint of files saved by earlier versions.
 
     Compact adapter files store one per adapted matrix: their factors are recomputed from the base weight on
-    load, which is only exact if the base is bit-identical to the one the adapter was trained on.
+    load, which is only exact if the base is bit-identical to the one the adapter was trained on. The hash guards
+    against accidents (another checkpoint, revision, dtype, a merged or edited weight), not against forgery.
     """
-    h = hashlib.sha256(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
+    if algorithm not in FINGERPRINT_ALGORITHMS.values():
+        raise ValueError(
+            f"unknown fingerprint algorithm {algorithm!r}: one of {sorted(FINGERPRINT_ALGORITHMS.values())}"
+        )
+    h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
+    h.update(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
     data = weight.detach().contiguous().cpu()
     if data.numel():
-        # the buffer itself, no copy; hashlib releases the GIL while it hashes
-        h.update(data.view(torch.uint8).flatten().numpy().data)
+        h.update(data.view(torch.uint8).flatten().numpy().data)  # the buffer itself, no copy
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
 
 
-def weight_fingerprints(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`weight_fingerprint` of each weight, hashed in ``torch.get_num_threads()`` threads (SHA-256 runs at
-    about 1.7 GB/s per core: a 7B model's 13 GB of bf16 weights would take 8 s on one)."""
-    workers = min(torch.get_num_threads(), len(weights))
-    if workers <= 1:
-        return [weight_fingerprint(w) for w in weights]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(weight_fingerprint, weights))
+def fingerprint_matches(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``saved``, a fingerprint read from an adapter file (either algorithm), is that of ``weight``."""
+    saved = saved.detach().cpu()
+    algorithm = FINGERPRINT_ALGORITHMS.get(saved.numel())
+    return algorithm is not None and torch.equal(weight_fingerprint(weight, algorithm), saved)
 
 
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ the same factors (a matrix's result does not depend on the batch it is in).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch
 from .checkpoint import weight_fingerprint
 from .distributed import broadcast_factors, rank_and_world
 from .factor_cache import FactorCache, cache_key
-from .svd import SVDFactors, SVDSpec, batched_top_r_svd
+from .svd import SVDFactors, SVDSpec, batched_top_r_svd, single_threaded_kernels
 
 
 def compute_factors(
@@ -49,9 +50,14 @@ def compute_factors(
     Raises:
         ValueError: A weight has NaN or infinite entries (its SVD is undefined); the message names it.
     """
+    # the sum is NaN or infinite when an entry is (one pass, 25× faster than isfinite().all()); on one thread: the
+    # first multi-threaded kernel after the SVD's threads waited 0.1–0.2 s for OpenMP's workers (SmolLM2-135M)
+    with (
+        single_threaded_kernels() if weights and weights[0].device.type == "cpu" else contextlib.nullcontext()
+    ):
+        finite = [bool(torch.isfinite(w.detach().sum())) for w in weights]
     for i, w in enumerate(weights):
-        # the sum is NaN or infinite when an entry is (one multi-threaded pass, 25× faster than isfinite().all())
-        if not bool(torch.isfinite(w.detach().sum())) and not bool(torch.isfinite(w.detach()).all()):
+        if not finite[i] and not bool(torch.isfinite(w.detach()).all()):
             bad = int((~torch.isfinite(w.detach())).sum())
             name = f"the weight of {names[i]}" if names is not None else "a targeted weight"
             raise ValueError(

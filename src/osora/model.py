@@ -19,12 +19,12 @@ from transformers.pytorch_utils import Conv1D
 from .checkpoint import (
     CHECKSUM_KEY,
     AdapterFileError,
+    fingerprint_matches,
     tensors_checksum,
     weight_fingerprint,
-    weight_fingerprints,
 )
 from .config import OSoRAConfig, default_target_modules
-from .distributed import is_partitioned
+from .distributed import gathered_parameters, is_partitioned
 from .factors import compute_factors
 from .layer import Linear, OSoRALayer
 from .svd import SVDFactors
@@ -163,7 +163,7 @@ class OSoRAModel(BaseTuner):
         with progress:
             for (r, _), members in groups.items():
                 keys, dense, stored = zip(*members)
-                fingerprints = [fp.to(w.device) for fp, w in zip(weight_fingerprints(stored), stored)]
+                fingerprints = [weight_fingerprint(w).to(w.device) for w in stored]
                 factors = compute_factors(
                     dense, r, config.svd_spec, config.factor_cache_dir, fingerprints, names=keys
                 )
@@ -320,17 +320,17 @@ class OSoRAModel(BaseTuner):
     def _check_loaded_state(
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, remapped: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        fp_suffix = f".osora_fingerprint.{adapter_name}"
         own = model.state_dict()
         for key, tensor in remapped.items():
             current = own.get(key)
-            if current is not None and current.shape != tensor.shape:
+            if current is not None and current.shape != tensor.shape and not key.endswith(fp_suffix):
                 raise AdapterFileError(
                     f"OSoRA adapter '{adapter_name}' does not fit this model: {key} has shape "
                     f"{tuple(tensor.shape)} in the file but {tuple(current.shape)} here (different model or r)"
                 )
         save_factors = cast(OSoRAConfig, config).save_factors
         layers = {name: m for name, m in model.named_modules() if isinstance(m, OSoRALayer)}
-        fp_suffix = f".osora_fingerprint.{adapter_name}"
         checked = 0
         for key, saved_fp in remapped.items():
             if not key.endswith(fp_suffix):
@@ -340,7 +340,7 @@ class OSoRAModel(BaseTuner):
             if layer is None or adapter_name not in layer.osora_fingerprint:
                 continue
             checked += 1
-            if torch.equal(saved_fp.cpu(), layer.osora_fingerprint[adapter_name].cpu()):
+            if _layer_matches(layer, adapter_name, saved_fp):
                 continue
             module = name.removeprefix("base_model.model.")
             msg = (
@@ -359,6 +359,22 @@ class OSoRAModel(BaseTuner):
         if not save_factors:
             _check_recomputed_sigma(layers, remapped, adapter_name)
         return remapped
+
+
+def _layer_matches(layer: OSoRALayer, adapter_name: str, saved: torch.Tensor) -> bool:
+    """Whether the fingerprint ``saved`` for ``layer`` (either algorithm) is that of the layer's base weight.
+
+    A file from before XXH3 fingerprints carries SHA-256 ones: the base weight is hashed again with it, and the
+    layer takes the saved fingerprint, so the file's entry loads into a buffer of its own size.
+    """
+    own = layer.osora_fingerprint[adapter_name]
+    if own.numel() == saved.numel():
+        return torch.equal(own.cpu(), saved.cpu())
+    weight = layer.stored_weight()
+    with gathered_parameters(weight):
+        same = fingerprint_matches(saved, weight)
+    layer.osora_fingerprint.set(adapter_name, saved.to(own.device), persistent=True)
+    return same
 
 
 #: Largest relative difference between a compact adapter's recomputed σ and the σ it was trained with that counts
@@ -426,7 +442,7 @@ def _check_fingerprints_before_svd(model: nn.Module, config: OSoRAConfig, adapte
             not isinstance(weight, torch.Tensor) or weight.numel() == 0
         ):  # e.g. ZeRO-3 partitioned: checked later
             continue
-        if not torch.equal(weight_fingerprint(weight), saved.cpu()):
+        if not fingerprint_matches(saved, weight):
             raise AdapterFileError(
                 f"refusing to load a compact OSoRA adapter: the base weight of '{name}' differs from the one adapter "
                 f"'{adapter_name}' was trained on (fingerprint mismatch: different model, revision, dtype or "

@@ -154,6 +154,8 @@ def test_files_with_the_earlier_sha256_fingerprints_load_and_are_still_checked(
         weight = base[key.removesuffix(suffix).removeprefix("base_model.model.")].weight
         assert torch.equal(tensors[key], _digest("xxh3_128", weight))
         tensors[key] = _digest("sha256", weight)  # what osora wrote before
+    with pytest.raises(ValueError, match="unknown fingerprint algorithm 'md5'"):
+        osora.weight_fingerprint(weight, "md5")
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "new", old)
     tensors = {k: v for k, v in tensors.items() if k != CHECKSUM_KEY}

@@ -40,3 +40,17 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path: Path) -> Non
         live.kill()
         live.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", in_progress.name, "w.safetensors"])
+
+
+def test_an_atomically_written_file_gets_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        atomic_save_file({"x": torch.ones(2)}, tmp_path / "w.safetensors")
+        (tmp_path / "plain.txt").write_text("x")
+        # not mkstemp's private 0600: the same mode as a file written the usual way beside it
+        assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -40,6 +40,9 @@ to first order, outside the basis, among directions whose singular values are at
 nearly equals σ_r (weights of SmolLM2-135M at r = 8 have gaps below 0.1 %), a wanted vector also turns towards the
 unwanted singular vectors the basis holds, by ‖rᵢ‖ times their distance from the basis over the much smaller gap
 λᵢ − λⱼ between eigenvalues of W Wᵀ; the subspace estimate adds that term for the k leading unwanted triplets.
+The floor itself is raised to the largest Ritz value whose vector has not converged (there the true spectrum is
+not captured), and a bfloat16 basis's float32 refinement counts each residual's components along the basis's
+other Ritz vectors at their own values rather than at the floor.
 
 The gaps are taken from the Ritz values themselves, so these are estimates rather than certificates; the
 benchmark (benchmarks/svd_init.py) reports them next to the true errors. While a matrix's estimate misses its
@@ -435,7 +438,7 @@ def _effective_floor(
     AAt: torch.Tensor, basis: torch.Tensor, Ub: torch.Tensor, s_all: torch.Tensor, k: int
 ) -> torch.Tensor:
     """(B, 1): the value below which the spectrum outside the Krylov basis is taken to lie. The basis's smallest
-    Ritz value, unless Ritz vectors beyond the leading k have not converged (estimated angle ≥ 1/2 to the floor):
+    Ritz value, unless Ritz vectors beyond the leading k have not converged (estimated angle ≥ 1 to the floor):
     then the true spectrum near their values is not captured, and the largest of them is taken instead. On the
     flat spectra of SmolLM2-135M's up_proj weights at r = 8, the smallest Ritz value put the floor at 0.23 σ₈ where
     true singular vectors near 0.95 σ₈ were still 0.2 away from the basis, and the estimate claimed 0.992 against

@@ -246,19 +246,14 @@ def bench_model(
 
 def _best(fn: Callable[[], object], n: int) -> float:
     """Fastest of ``n`` timed calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_timed(fn, n))
 
 
 def calibrate() -> None:
     """Print, on this machine and one thread (as each part of a split batch runs), the ratios behind osora.svd's
     cost model, EIGH_COST_RATIO (top-r eigenpairs of the Gram matrix over an (m, m) product) and
-    BFLOAT16_PASS_COST, and the times of both methods next to prefers_exact's choice, on power-law matrices."""
+    BFLOAT16_PASS_COST, and the times of both methods next to prefers_exact's choice, on power-law matrices; then,
+    for RANDOMIZED_FIXED_COST, both methods on SmolLM2-135M's real weights per shape at r = 8 … 32."""
     from osora.svd import exact_svd, randomized_svd, single_threaded_kernels, top_eigenpairs
 
     spec = osora.SVDSpec()
@@ -284,6 +279,53 @@ def calibrate() -> None:
                 f"(prefers_exact: {osora.svd.prefers_exact((m, n), 32, spec)})",
                 flush=True,
             )
+    # RANDOMIZED_FIXED_COST: the real weights, each shape's matrices batched as in get_peft_model (torch's threads)
+    import collections
+
+    from osora.svd import batched_top_r_svd
+
+    groups: dict[tuple[int, int], list[torch.Tensor]] = collections.defaultdict(list)
+    for name, module in smollm2().named_modules():
+        if name.split(".")[-1] in TARGETS:
+            groups[tuple(module.weight.shape)].append(module.weight.detach())
+    for r in (8, 16, 24, 32):
+        for shape, weights in groups.items():
+            t = {
+                method: statistics.median(
+                    _timed(
+                        lambda m=method, w=weights, r=r: batched_top_r_svd(w, r, osora.SVDSpec(method=m)), 5
+                    )
+                )
+                for method in ("randomized", "exact")
+            }
+            print(
+                f"SmolLM2-135M {shape[0]}×{shape[1]} ×{len(weights)}, r={r}, {torch.get_num_threads()} threads: "
+                f"randomized method as chosen {t['randomized'] * 1e3:.0f} ms, exact {t['exact'] * 1e3:.0f} ms "
+                f"(prefers_exact: {osora.svd.prefers_exact(shape, r, spec)}; randomized forced: "
+                f"{_forced_randomized(weights, r) * 1e3:.0f} ms)",
+                flush=True,
+            )
+
+
+def _timed(fn: Callable[[], object], n: int) -> list[float]:
+    """Times of ``n`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _forced_randomized(weights: list[torch.Tensor], r: int) -> float:
+    """Median time of the randomized method where the cost model would pick the exact SVD."""
+    from unittest import mock
+
+    from osora.svd import batched_top_r_svd
+
+    with mock.patch("osora.svd.prefers_exact", return_value=False):
+        return statistics.median(_timed(lambda: batched_top_r_svd(weights, r, osora.SVDSpec()), 5))
 
 
 # -- report -----------------------------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ def test_estimate_stays_conservative_where_sigma_r_and_the_next_nearly_coincide(
     sigma = torch.arange(1, 577, dtype=torch.float64) ** -0.28
     sigma[8] = sigma[7] * (1 - 3e-4)
     W, U, sigma, V = known_spectrum(1536, 576, sigma)
-    f = top_r_svd(W, 8, SVDSpec(sketch_dtype=sketch))
+    (f,) = randomized_svd(
+        W[None], 8, SVDSpec(sketch_dtype=sketch)
+    )  # (the cost model picks exact for float32)
     assert f.accuracy is not None and f.accuracy.power_iters > 0  # randomized, not the exact fallback
     true_sub = min(agreement(U[:, :8], f.U), agreement(V[:, :8], f.Vh.T))
     assert f.accuracy.subspace_agreement <= true_sub + 1e-5
@@ -123,6 +125,26 @@ def test_randomized_takes_the_exact_svd_where_the_cost_model_says_it_is_cheaper(
     assert torch.equal(f.U, e.U) and torch.equal(f.sigma, e.sigma)
     assert osora.svd.prefers_exact((64, 96), 8, SVDSpec())
     assert not osora.svd.prefers_exact((4096, 4096), 32, SVDSpec())
+    # the measured crossovers on SmolLM2-135M's weights (2 threads): randomized at r = 8 except 192 × 576, exact for
+    # the MLP shapes from r = 16 and for all from r = 24; Llama-7B's shapes stay randomized up to r = 128
+    bf16 = SVDSpec(sketch_dtype="bfloat16")
+    assert [
+        osora.svd.prefers_exact(s, 8, bf16) for s in [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    ] == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert [osora.svd.prefers_exact(s, 16, bf16) for s in [(576, 576), (1536, 576), (576, 1536)]] == [
+        False,
+        True,
+        True,
+    ]
+    assert osora.svd.prefers_exact((576, 576), 24, bf16)
+    assert not any(
+        osora.svd.prefers_exact(s, 128, bf16) for s in [(4096, 4096), (11008, 4096), (4096, 11008)]
+    )
 
 
 def test_spec_is_validated_and_hashable() -> None:
@@ -237,13 +259,15 @@ def test_layer_uses_the_cache(tmp_path: Path) -> None:
     assert torch.equal(first.osora_U["default"], uncached.osora_U["default"])  # the cache changes nothing
 
 
-def test_config_knobs_reach_the_svd_through_get_peft_model() -> None:
+def test_config_knobs_reach_the_svd_through_get_peft_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def U(**knobs: object) -> torch.Tensor:
         return q_proj(osora.OSoRAConfig(r=4, target_modules=["q_proj"], **knobs)).osora_U["default"]
 
     # 48 × 48 with r = 4 is cheaper exact by the cost model: the seed does not matter
     assert torch.equal(U(svd_seed=0), U(svd_seed=1))
-    # a smaller sketch and no fixed Krylov steps keep it randomized: the seed reaches the sketch
+    # without the randomized method's fixed per-matrix cost, a smaller sketch and no fixed Krylov steps make it
+    # randomized: the seed reaches the sketch
+    monkeypatch.setattr(osora.svd, "RANDOMIZED_FIXED_COST", 0)
     knobs = {"svd_oversample": 2, "svd_power_iters": 0}
     assert not osora.svd.prefers_exact((48, 48), 4, osora.SVDSpec(oversample=2, power_iters=0))
     assert not torch.equal(U(svd_seed=1, **knobs), U(svd_seed=2, **knobs))

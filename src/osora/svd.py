@@ -24,8 +24,9 @@ Two methods, chosen per shape:
   accuracy estimate is that of the float32 triplets.
 
 ``"randomized"`` computes the exact SVD instead for the shapes where the cost model (:func:`prefers_exact`,
-fitted to measured times of both methods) predicts it is cheaper: small matrices (SmolLM2-135M's 576 × 1536 and
-192 × 576 weights at r = 32), or a sketch that is not much narrower than the matrix.
+fitted to measured times of both methods) predicts it is cheaper: small matrices (SmolLM2-135M's 192 × 576 weights
+at every r, its 576 × 1536 and 1536 × 576 ones from r = 16, all of them from r = 24), or a sketch that is not much
+narrower than the matrix.
 
 The randomized method checks its own result from the residuals of the Ritz triplets, rᵢ = W vᵢ − σ̃ᵢ uᵢ (Wᵀuᵢ
 = σ̃ᵢ vᵢ holds exactly by construction); during the iteration they come from the stored W Wᵀ basis without
@@ -89,6 +90,14 @@ RANDOMIZED_OVERHEAD = 3.0
 #: 576 × 576) and Llama-7B shapes (11008 × 4096 at r = 128: randomized 2.5 s vs exact 6.5 s; randomized from
 #: 1024² at r = 32); ``benchmarks/init_cost.py --calibrate`` times both methods on power-law matrices.
 RITZ_EIGH_COST = 24.0
+
+#: The randomized method's cost per matrix beyond the terms above, in the same units: its many small operations
+#: (accuracy checks, QRs, the growing basis's copies, the Python between kernels, which two threads share). Fitted to
+#: SmolLM2-135M's real weights, 2 threads, idle development machine (``benchmarks/init_cost.py --calibrate``): time
+#: randomized / exact at 576 × 576 0.80 (r = 8), 0.84 (r = 16), 1.01 (r = 24); at 1536 × 576 and 576 × 1536 0.93–0.98
+#: (r = 8) and 1.19–1.23 (r = 16), where the terms above alone predicted 0.28–0.72, and the exact SVD was picked
+#: only from r = 24. It is negligible from 1024 × 1024 on (under 10 % of the exact SVD's cost there).
+RANDOMIZED_FIXED_COST = 3.5e8
 
 #: Largest stack of float32 weights decomposed as one batched computation (bytes). Stacking amortises the per-call
 #: overhead of small matrices; large ones are faster one at a time (two 4096 × 4096 weights at r = 32, one thread:
@@ -242,7 +251,7 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
     block beyond ``power_iters``; SmolLM2-135M's at r = 32: 4.6 on average for power_iters = 3): m n k (2q + 3) for
     the sketch and the steps (times ``BFLOAT16_PASS_COST`` with a bfloat16 sketch, plus m n (k + r) for the float32
     refinement) and m K² for the orthogonalisations (K = k(q + 1)), both times ``RANDOMIZED_OVERHEAD``, plus
-    ``RITZ_EIGH_COST`` · K³ for the Ritz eigenproblems.
+    ``RITZ_EIGH_COST`` · K³ for the Ritz eigenproblems, plus ``RANDOMIZED_FIXED_COST`` per matrix.
     """
     m, n = sorted(shape)  # m ≤ n
     k = spec.block_width(r)
@@ -253,7 +262,9 @@ def prefers_exact(shape: tuple[int, int], r: int, spec: SVDSpec, device: torch.d
     passes = m * n * k * (2 * q + 3)
     if resolve_sketch_dtype(spec, device or torch.device("cpu")) != torch.float32:
         passes = int(BFLOAT16_PASS_COST * passes) + m * n * (k + r)
-    randomized = RANDOMIZED_OVERHEAD * (passes + m * width * width) + RITZ_EIGH_COST * width**3
+    randomized = (
+        RANDOMIZED_OVERHEAD * (passes + m * width * width) + RITZ_EIGH_COST * width**3 + RANDOMIZED_FIXED_COST
+    )
     return m * m * n / 2 + EIGH_COST_RATIO * m**3 <= randomized
 
 
@@ -553,6 +564,7 @@ def _krylov(
     transposed = A.shape[-2] > A.shape[-1]
     if transposed:  # work in the smaller dimension: the basis lives in R^m, m ≤ n
         A = A.mT
+
     B, m, n = A.shape
     k = spec.block_width(r)
     if k >= m:
@@ -605,15 +617,21 @@ def _krylov(
             U, s = U[..., :r], s[..., :r]
             ready = (met | full | last | stalled).nonzero().flatten()
             if len(ready):
-                rows = todo[ready]
-                A_ready = A if len(rows) == B else A[rows]  # (a copy only when some matrices go on iterating)
-                if dtype == torch.float32:  # the Ritz triplets are the answer: Vh = Uᵀ A / σ̃
-                    U, s, Vh = U[ready], s[ready], (U[ready].mT @ A_ready) / s[ready].unsqueeze(-1)
-                    sigma_err, agreement = sigma_err[ready], agreement[ready]
-                else:  # refine in float32 on the top-k Ritz vectors of the low-precision basis (B', m, k)
-                    Y = basis[ready] @ Ub[ready][..., :k]
-                    Z, mu = basis[ready] @ Ub[ready][..., k:], s_all[ready][..., k:]
-                    U, s, Vh, sigma_err, agreement = _rayleigh_ritz(A_ready, Y, r, floor[ready], Z, mu)
+                # the finishing products read A's rows in place, one batched call per run of consecutive rows
+                # (gathering them was a tenth of the time at 1536 × 576, r = 8)
+                parts = []
+                for a, b, A_run in _runs(A, todo[ready].tolist()):
+                    at = ready[a:b]
+                    if dtype == torch.float32:  # the Ritz triplets are the answer: Vh = Uᵀ A / σ̃
+                        Vh = (U[at].mT @ A_run) / s[at].unsqueeze(-1)
+                        parts.append((U[at], s[at], Vh, sigma_err[at], agreement[at], U[at]))
+                    else:  # refine in float32 on the top-k Ritz vectors of the low-precision basis (B', m, k)
+                        Y_Z = basis[at] @ Ub[at]  # (B', m, K): the leading k Ritz vectors and the others
+                        Y, Z, mu = Y_Z[..., :k], Y_Z[..., k:], s_all[at][..., k:]
+                        parts.append((*_rayleigh_ritz(A_run, Y, r, floor[at], Z, mu), Y))
+                U, s, Vh, sigma_err, agreement, Y = (
+                    torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts)
+                )
                 good = _met(sigma_err, agreement, spec)
             finished = torch.zeros(len(todo), dtype=torch.bool, device=A.device)
             for j, i in enumerate(ready.tolist()):
@@ -649,6 +667,16 @@ def _krylov(
         basis, AAt = torch.cat([basis, block], -1), torch.cat([AAt, S.aat(block)], -1)
         q += 1
     return [f for f in out if f is not None]
+
+
+def _runs(A: torch.Tensor, rows: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """For ascending ``rows`` of A: each run of consecutive ones as (start, end) positions in ``rows`` and the view
+    of A's matrices it covers."""
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end] != rows[end - 1] + 1:
+            yield start, end, A[rows[start] : rows[end - 1] + 1]
+            start = end
 
 
 def _met(sigma_err: torch.Tensor, agreement: torch.Tensor, spec: SVDSpec) -> torch.Tensor:

@@ -190,9 +190,11 @@ def accuracy(found: dict, refs: dict, r: int) -> dict[str, float]:
     return {"subspace_agreement_min": worst_sub, "sigma_rel_err_max": worst_sigma}
 
 
-def measure(base: torch.nn.Module, method: str, r: int) -> tuple[float, torch.nn.Module, int, float]:
-    """Wall time of get_peft_model on a fresh copy of ``base``, the adapted model, the number of
-    SVDAccuracyWarnings and the 1-minute load average just before."""
+def measure(
+    base: torch.nn.Module, method: str, r: int, config: Any = None
+) -> tuple[float, torch.nn.Module, int, float]:
+    """Wall time of get_peft_model on a fresh copy of ``base`` (with ``config``, else ``method``'s at r), the adapted
+    model, the number of SVDAccuracyWarnings and the 1-minute load average just before."""
     from peft import get_peft_model
 
     model = copy.deepcopy(base)
@@ -204,7 +206,7 @@ def measure(base: torch.nn.Module, method: str, r: int) -> tuple[float, torch.nn
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        peft_model = get_peft_model(model, peft_config(method, r))
+        peft_model = get_peft_model(model, peft_config(method, r) if config is None else config)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0

@@ -92,11 +92,12 @@ RANDOMIZED_OVERHEAD = 3.0
 RITZ_EIGH_COST = 24.0
 
 #: The randomized method's cost per matrix beyond the terms above, in the same units: its many small operations
-#: (accuracy checks, QRs, the growing basis's copies, the Python between kernels, which two threads share). Fitted to
-#: SmolLM2-135M's real weights, 2 threads, idle development machine (``benchmarks/init_cost.py --calibrate``): time
-#: randomized / exact at 576 × 576 0.80 (r = 8), 0.84 (r = 16), 1.01 (r = 24); at 1536 × 576 and 576 × 1536 0.93–0.98
-#: (r = 8) and 1.19–1.23 (r = 16), where the terms above alone predicted 0.28–0.72, and the exact SVD was picked
-#: only from r = 24. It is negligible from 1024 × 1024 on (under 10 % of the exact SVD's cost there).
+#: (accuracy checks, QRs, the growing basis's copies, the Python between kernels, which two threads share). Fitted
+#: to SmolLM2-135M's real weights on 2 threads of an idle Intel Xeon (AMX-BF16; ``benchmarks/init_cost.py
+#: --calibrate``): time randomized / exact at 576 × 576 0.80 (r = 8), 0.84 (r = 16), 1.01 (r = 24); at 1536 × 576
+#: and 576 × 1536 0.93–0.98 (r = 8) and 1.19–1.23 (r = 16), where the terms above alone predicted 0.28–0.72, and
+#: the exact SVD was picked only from r = 24. It is negligible from 1024 × 1024 on (under 10 % of the exact SVD's
+#: cost there).
 RANDOMIZED_FIXED_COST = 3.5e8
 
 #: Largest stack of float32 weights decomposed as one batched computation (bytes). Stacking amortises the per-call
@@ -624,6 +625,7 @@ def _krylov(
                     at = ready[a:b]
                     if dtype == torch.float32:  # the Ritz triplets are the answer: Vh = Uᵀ A / σ̃
                         Vh = (U[at].mT @ A_run) / s[at].unsqueeze(-1)
+                        # (the last entry stands in for Y, which only the low-precision path goes on from)
                         parts.append((U[at], s[at], Vh, sigma_err[at], agreement[at], U[at]))
                     else:  # refine in float32 on the top-k Ritz vectors of the low-precision basis (B', m, k)
                         Y_Z = basis[at] @ Ub[at]  # (B', m, K): the leading k Ritz vectors and the others

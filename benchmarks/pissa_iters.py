@@ -59,6 +59,16 @@ def main() -> None:
         command="python " + " ".join(sys.argv),
     )
     base = init_cost.smollm2()
+    smallest = min(
+        (tuple(m.weight.shape) for n, m in base.named_modules() if n.split(".")[-1] in init_cost.TARGETS),
+        key=min,
+    )
+    for r in args.ranks:
+        if not 1 <= r <= min(smallest):
+            parser.error(
+                f"--ranks {r}: the smallest adapted weight is {smallest[0]}×{smallest[1]}, so r must be in "
+                f"[1, {min(smallest)}]"
+            )
     refs = init_cost.exact_refs(base)
     inits = [f"pissa_niter_{n}" for n in args.iters] + ["osora"]
 

@@ -86,9 +86,8 @@ def test_estimate_stays_conservative_where_sigma_r_and_the_next_nearly_coincide(
     sigma = torch.arange(1, 577, dtype=torch.float64) ** -0.28
     sigma[8] = sigma[7] * (1 - 3e-4)
     W, U, sigma, V = known_spectrum(1536, 576, sigma)
-    (f,) = randomized_svd(
-        W[None], 8, SVDSpec(sketch_dtype=sketch)
-    )  # (the cost model picks exact for float32)
+    # randomized_svd itself: with a float32 sketch the cost model gives this shape to the exact SVD
+    (f,) = randomized_svd(W[None], 8, SVDSpec(sketch_dtype=sketch))
     assert f.accuracy is not None and f.accuracy.power_iters > 0  # randomized, not the exact fallback
     true_sub = min(agreement(U[:, :8], f.U), agreement(V[:, :8], f.Vh.T))
     assert f.accuracy.subspace_agreement <= true_sub + 1e-5
@@ -127,24 +126,12 @@ def test_randomized_takes_the_exact_svd_where_the_cost_model_says_it_is_cheaper(
     assert not osora.svd.prefers_exact((4096, 4096), 32, SVDSpec())
     # the measured crossovers on SmolLM2-135M's weights (2 threads): randomized at r = 8 except 192 × 576, exact for
     # the MLP shapes from r = 16 and for all from r = 24; Llama-7B's shapes stay randomized up to r = 128
-    bf16 = SVDSpec(sketch_dtype="bfloat16")
-    assert [
-        osora.svd.prefers_exact(s, 8, bf16) for s in [(576, 576), (192, 576), (1536, 576), (576, 1536)]
-    ] == [
-        False,
-        True,
-        False,
-        False,
-    ]
-    assert [osora.svd.prefers_exact(s, 16, bf16) for s in [(576, 576), (1536, 576), (576, 1536)]] == [
-        False,
-        True,
-        True,
-    ]
-    assert osora.svd.prefers_exact((576, 576), 24, bf16)
-    assert not any(
-        osora.svd.prefers_exact(s, 128, bf16) for s in [(4096, 4096), (11008, 4096), (4096, 11008)]
-    )
+    attention, kv, up, down = (576, 576), (192, 576), (1536, 576), (576, 1536)
+    exact = functools.partial(osora.svd.prefers_exact, spec=SVDSpec(sketch_dtype="bfloat16"))
+    assert [exact(s, 8) for s in (attention, kv, up, down)] == [False, True, False, False]
+    assert [exact(s, 16) for s in (attention, up, down)] == [False, True, True]
+    assert exact(attention, 24)
+    assert not any(exact(s, 128) for s in [(4096, 4096), (11008, 4096), (4096, 11008)])
 
 
 def test_spec_is_validated_and_hashable() -> None:

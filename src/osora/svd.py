@@ -565,7 +565,6 @@ def _krylov(
     transposed = A.shape[-2] > A.shape[-1]
     if transposed:  # work in the smaller dimension: the basis lives in R^m, m ≤ n
         A = A.mT
-
     B, m, n = A.shape
     k = spec.block_width(r)
     if k >= m:

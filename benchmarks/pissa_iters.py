@@ -5,7 +5,8 @@ N subspace iterations, without an accuracy check. ``benchmarks/init_cost.py`` ti
 choice); this runner asks how far more iterations take it towards the factors OSoRA's default computes, and at what
 time: ``get_peft_model`` wall time (median of ``--reps``, methods interleaved on fresh copies of the base) and the
 worst subspace agreement and σ error over SmolLM2-135M-Instruct's 210 adapted matrices (every linear layer of
-every decoder block), measured as in ``init_cost.py`` against the exact factors.
+every decoder block) of the last repetition's factors (PiSSA's sketch is random, so it varies by a few hundredths
+between repetitions), measured as in ``init_cost.py`` against the exact factors.
 
     python benchmarks/pissa_iters.py                       # r = 8, N = 4 16 64 → results/pissa_iters.json
     python benchmarks/pissa_iters.py --ranks 8 32 --iters 4 8 16 32 64
@@ -82,9 +83,8 @@ def main() -> None:
         times: dict[str, list[float]] = {init: [] for init in inits}
         found: dict[str, dict] = {}
         for rep in range(args.reps):
-            for init in (
-                inits[rep % len(inits) :] + inits[: rep % len(inits)]
-            ):  # the order rotates per repetition
+            shift = rep % len(inits)  # the order rotates per repetition
+            for init in inits[shift:] + inits[:shift]:
                 method = "osora" if init == "osora" else "pissa"
                 elapsed, model, _, _ = init_cost.measure(base, method, r, config(init, r))
                 times[init].append(elapsed)

@@ -40,6 +40,16 @@ def smollm() -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, resolve(MODEL).location
 
 
+def test_no_hub_kernels_unless_asked(smollm: tuple[Any, Any, str]) -> None:
+    """transformers >= 5.25 swaps in Hub kernels by default, which needs the network (it broke training offline
+    on CUDA); the loader turns that off."""
+    model = smollm[0]
+    assert model.use_kernels is False
+    model.train()  # where kernels were on, this is where they were fetched
+    assert model.use_kernels is False
+    model.eval()
+
+
 def _batch(tokenizer: Any) -> dict[str, torch.Tensor]:
     from transformers import DataCollatorForSeq2Seq
 

@@ -130,7 +130,7 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, use_kernels=False
         )
     except ValueError as error:  # transformers: "GGUF model with architecture X is not supported yet."
         raise ModelLoadError(
@@ -234,16 +234,26 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     with_tokenizer: bool = True,
+    hub_kernels: bool = False,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a causal LM named by a short name, a folder, a ``.gguf`` file or a hub id.
 
     ``model.name_or_path`` keeps what the user wrote (a short name stays a short name), so an adapter trained on
     it records a base that every osora command resolves the same way on another machine.
+
+    ``hub_kernels``: let transformers swap layers for kernels downloaded from the Hub (its ``use_kernels``, on by
+    default from transformers 5.25 when the ``kernels`` package is installed). Off here: the swap needs the
+    network, and on a CUDA machine without it ``model.train()`` raised ("could not verify publisher trust
+    status", seen on an H200 with transformers 5.25.0 and kernels 0.19.1).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve(name)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": _DTYPES.get(dtype, "auto")}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "dtype": _DTYPES.get(dtype, "auto"),
+        "use_kernels": hub_kernels,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)

@@ -67,3 +67,25 @@ def test_git_state_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path:
     assert git_state(tmp_path)["dirty"] is False
     (tmp_path / "benchmarks" / "x.py").write_text("1\n")  # the code that measures
     assert git_state(tmp_path)["dirty"] is True
+
+
+def test_versions_of_a_source_tree_come_from_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine where osora runs from ``PYTHONPATH=src`` (not installed), the record still names its
+    version; a package neither installed nor imported stays None."""
+    from importlib import metadata
+
+    import osora
+    from osora.app import provenance
+
+    real = metadata.version
+
+    def not_installed(name: str) -> str:
+        if name in {"osora", "no-such-package"}:
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(provenance.metadata, "version", not_installed)
+    versions = provenance.package_versions(["no-such-package"])
+    assert versions["osora"] == osora.__version__
+    assert versions["no-such-package"] is None
+    assert versions["torch"] == real("torch")

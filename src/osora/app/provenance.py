@@ -35,6 +35,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from importlib import metadata
@@ -74,13 +75,15 @@ def git_state(root: Path = _ROOT) -> dict[str, Any]:
 
 
 def package_versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
-    """Installed versions of :data:`PACKAGES` and ``extra``."""
+    """Installed versions of :data:`PACKAGES` and ``extra``; for a package imported from a source tree rather
+    than installed (``PYTHONPATH=src``, as on a bare GPU machine), its module's ``__version__``."""
     versions: dict[str, str | None] = {}
     for name in (*PACKAGES, *extra):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
+            module = sys.modules.get(name.replace("-", "_"))
+            versions[name] = getattr(module, "__version__", None)
     return versions
 
 
@@ -183,6 +186,12 @@ class BenchmarkRecord:
             "peak_memory_bytes": peak_memory_bytes() if peak_memory is None else peak_memory,
             **results,
         }
+
+
+def shown_path(path: Path, root: Path = _ROOT) -> str:
+    """``path`` as a table names its source: relative to the checkout when inside it, else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root) if resolved.is_relative_to(root) else path)
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -37,7 +37,13 @@ from pathlib import Path
 
 from osora.app import classify as C
 from osora.app.params import count_parameters
-from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, reset_peak_memory, write_result
+from osora.app.provenance import (
+    BenchmarkRecord,
+    peak_memory_bytes,
+    reset_peak_memory,
+    shown_path,
+    write_result,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         report = record.finish(
             peak_memory=max(measured) if measured else None,
             protocol=__doc__.split("Protocol (the same for every method):")[1].split("\n\n")[0].strip(),
-            output_json=str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
+            output_json=shown_path(json_path),
             runs=runs,
             summary=summary,
             checks=checks(summary),

@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from osora.app.provenance import BenchmarkRecord, provenance, write_result
+from osora.app.provenance import BenchmarkRecord, peak_memory_bytes, provenance, shown_path, write_result
 from osora.app.scoring import commonsense_options as answer_options
 from osora.app.scoring import option_response
 
@@ -453,7 +453,7 @@ def run_one(
     from osora.app.data import build_train_dataset
     from osora.app.models import load_causal_lm
     from osora.app.params import count_parameters
-    from osora.app.provenance import peak_memory_bytes, reset_peak_memory
+    from osora.app.provenance import reset_peak_memory
     from osora.app.train import apply_method
 
     method = ROWS[key]
@@ -733,6 +733,12 @@ def headline(task: str) -> str:
 # -- table and plot -------------------------------------------------------------------------------------------------
 
 
+def machine(hardware: dict[str, Any]) -> str:
+    """Where the runs ran, as the table names it: the GPU and the CPU beside it, or the CPU alone."""
+    gpu = hardware.get("gpu")
+    return f"{gpu} ({hardware['cpu']}, {hardware['cores']} cores)" if gpu else hardware["cpu"]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The README table of one result file."""
     task, cfg = report["task"], report["config"]
@@ -763,7 +769,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"run at the picked rate. Learning rate picked per method by its {criterion} on a held-out slice of the "
         f"training data ({scale['grid_points']}-point grid ×{scale['grid_step']:.3g} apart, grown past an end by up "
         f"to {GRID_EXTENSIONS} rates while the pick sits there). "
-        f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {report['provenance']['hardware']['cpu']}.",
+        f"Git {git['commit'][:8]}{' (dirty)' if git['dirty'] else ''}, {machine(report['provenance']['hardware'])}.",
         "",
         "| method | "
         + " | ".join(names.get(s, s) for s in sets)
@@ -1071,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = earlier.get("runs", [])
     results = {
         "task": args.task,
-        "output_json": str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path),
+        "output_json": shown_path(json_path),
         "runs": runs,
     }
 
@@ -1117,6 +1123,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "commonsense":
         results["majority"] = majority_baseline(data)
     started, new = time.time(), 0
+
+    def finish() -> dict[
+        str, Any
+    ]:  # the file's peak: this process's or a run's, where the runs had their own
+        runs_peak = max((r.get("peak_memory_bytes") or 0 for r in runs), default=0)
+        return record.finish(peak_memory=max(peak_memory_bytes(), runs_peak), **results)
+
     running: dict[Future[dict[str, Any]], tuple[str, float, int]] = {}
     with executor(args.workers, args.threads) as pool:
         while True:
@@ -1148,8 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     flush=True,
                 )
-                save(record.finish(**results))
-    save(record.finish(**results))
+                save(finish())
+    save(finish())
     return 0
 
 

@@ -86,6 +86,10 @@ def test_init_cost_names_its_results_by_device_and_dtype(monkeypatch: pytest.Mon
         "config": {"reps": 1, "device": "cuda", "dtype": "bfloat16", "layers_7b": 0},
         "models": {"smollm2": {"label": "SmolLM2", "by_r": {"8": {"lora": entry, "osora": entry}}}},
     }
-    table = bench.markdown(result)
+    table = bench.markdown(result, ROOT / "benchmarks" / "results" / "init_cost_cuda_bfloat16.json")
     assert table.startswith("NVIDIA H200, bfloat16 weights; commit 01234567;")
-    assert "benchmarks/results/init_cost_cuda_bfloat16.json" in table and "| SmolLM2 | 8 |" in table
+    assert "from `benchmarks/results/init_cost_cuda_bfloat16.json`" in table and "| SmolLM2 | 8 |" in table
+    elsewhere = bench.markdown(
+        result, Path("/tmp/gpu-out/init_cost_smollm2.json")
+    )  # the file it was read from
+    assert "from `/tmp/gpu-out/init_cost_smollm2.json`" in elsewhere

@@ -1124,9 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
         results["majority"] = majority_baseline(data)
     started, new = time.time(), 0
 
-    def finish() -> dict[
-        str, Any
-    ]:  # the file's peak: this process's or a run's, where the runs had their own
+    def finish() -> dict[str, Any]:
+        """The record as it stands; its peak memory the larger of this process's and its runs' own."""
         runs_peak = max((r.get("peak_memory_bytes") or 0 for r in runs), default=0)
         return record.finish(peak_memory=max(peak_memory_bytes(), runs_peak), **results)
 

@@ -21,7 +21,10 @@
 # 229-247 s each and had not finished scoring when the 320-s call ended, so one wave of GPU-scale commonsense runs
 # needs a call of at least 6 minutes. A GSM8K run at the GPU scale (1000 steps of 16 x 512 tokens, then 1,319
 # generations) has not been tried there.
-# SKIP_INIT=1 skips part 2's init_cost (for a second part-2 call).
+# SKIP_INIT=1 skips part 2's init_cost (for a second part-2 call). A lease for the LLM runs alone (part 1's results
+# are committed) starts with `stage` in place of part 1: it only installs the wheels and keeps the GGUF half
+#   run(command="bash benchmarks/gpu_session.sh stage", carry=[".whl", ".gpu/a"], timeout_s=60)
+# and then gives part 2 the rest of the lease (SKIP_INIT=1 where init_cost's SmolLM2 table is committed too).
 #
 # Each part writes its results and its log to $OUT (at most 8 files come back). Here, copy the JSON files into
 # benchmarks/results, rebuild the tables (llm.py --render with --data-dir .gpu/b/data/TASK, step_cost.py
@@ -31,7 +34,7 @@
 # finished run is in $OUT at once, and a later machine resumes from the files committed to benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh prepare|part1|part2}
+part=${1:?usage: gpu_session.sh prepare|part1|stage|part2}
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
 first=$((36 * 1024 * 1024))
 limit=$((62 * 1024 * 1024)) # per call, leaving room for the repository itself
@@ -71,9 +74,10 @@ exec > >(tee "$out/$part.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
 
-if [[ $part == part1 ]]; then
+if [[ $part == part1 || $part == stage ]]; then
     # a carried folder replaces .gpu in the next call: keep the GGUF's first half where part 2 finds it
     mkdir -p /tmp/osora-gpu && cp .gpu/a/$gguf.part /tmp/osora-gpu/
+    [[ $part == stage ]] && exit 0
     # shellcheck disable=SC2046
     python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) || echo "GPU TESTS FAILED"
     # four decoder blocks of a 7B model's shapes in bf16: step time and peak CUDA memory, base/OSoRA/LoRA/VeRA

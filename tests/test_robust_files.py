@@ -3,6 +3,7 @@ those of a write still in progress are kept."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,42 @@ def test_an_atomically_written_file_gets_the_usual_permissions(tmp_path: Path) -
         assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_processes_converting_the_same_gguf_at_once_convert_it_once(tmp_path: Path) -> None:
+    """Two workers of one benchmark asked for the packaged GGUF model in a fresh cache at the same moment; the
+    second one's clean-up deleted the first one's half-written folder and both runs failed. Now they take turns:
+    one converts, the other waits and uses the result."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 4096)
+    log = tmp_path / "conversions.log"
+    worker = f"""
+import os, sys, time
+from pathlib import Path
+import osora.app.models as models
+
+def slow_conversion(path, target):  # stands in for the minute-long dequantisation, with its temporary folder
+    with open({str(log)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    tmp = target.parent / f".{{target.name}}.tmp-{{os.getpid()}}"
+    tmp.mkdir()
+    time.sleep(1.5)
+    (tmp / "config.json").write_text("{{}}")
+    os.replace(tmp, target)
+
+models._convert_gguf = slow_conversion
+print(models.gguf_to_folder({str(gguf)!r}))
+"""
+    env = {**os.environ, "OSORA_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", worker], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    folders = {out.strip() for out, _ in results}
+    assert len(folders) == 1 and (Path(folders.pop()) / "config.json").is_file()
+    assert len(log.read_text().split()) == 1  # converted once
+    assert not list((tmp_path / "cache" / "models").glob(".*.tmp-*"))

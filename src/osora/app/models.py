@@ -117,7 +117,10 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
     """Convert a ``.gguf`` file into a cached transformers folder (float32, with its tokenizer), once.
 
     transformers dequantises GGUF weights on load (it needs the ``gguf`` package); the folder is written into a
-    temporary sibling and renamed, so a crash leaves no half-written model behind.
+    temporary sibling and renamed, so a crash leaves no half-written model behind. Processes that need the same
+    conversion at once (the workers of one benchmark) take turns on a lock file beside it: the first converts, the
+    others wait and find the folder (before the lock, a second worker's clean-up of "stale" temporaries deleted
+    the first one's folder mid-write and both failed).
     """
     path = Path(gguf).expanduser().resolve()
     target = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
@@ -125,6 +128,17 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
         return target
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"loading {path.name} needs the 'gguf' package: pip install gguf")
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if not (target / "config.json").is_file():  # else another process converted it while this one waited
+            _convert_gguf(path, target)
+    return target
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """:func:`gguf_to_folder`'s conversion, run under its lock (so every temporary beside ``target`` is stale)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -141,7 +155,6 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a crashed earlier conversion
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -150,11 +163,9 @@ def gguf_to_folder(gguf: str | os.PathLike[str]) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not a lost race with another process
-            raise
-    return target
+        raise
 
 
 def resolve(name: str) -> ModelSource:

@@ -35,6 +35,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh prepare|part1|stage|part2}
+case $part in
+    prepare | part1 | stage | part2) ;;
+    *) echo "gpu_session.sh: unknown part '$part' (one of prepare, part1, stage, part2)" >&2 && exit 2 ;;
+esac
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
 first=$((36 * 1024 * 1024))
 limit=$((62 * 1024 * 1024)) # per call, leaving room for the repository itself

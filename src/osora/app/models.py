@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 
+from osora.checkpoint import remove_stale_temporaries
+
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a known short name, an existing path, nor (offline) a cached hub id."""
@@ -155,8 +157,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a crashed earlier conversion
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(target)  # a crashed earlier conversion's folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)
     try:

@@ -190,7 +190,9 @@ def test_the_training_section_is_training_arguments() -> None:
     assert (
         args.train_sampling_strategy == "group_by_length" and args.report_to == []
     )  # YAML over osora's default
-    assert load_config(None).training.learning_rate == 1e-4  # osora's default over transformers'
+    assert (
+        load_config(None, ["--method.name=lora"]).training.learning_rate == 1e-4
+    )  # osora's default over transformers'
     with pytest.raises(ConfigError, match=r"training\.warmup_steps"):
         load_config(None, ["--training.warmup_ratio=0.1"])  # a transformers 4 name says the new one
     with pytest.raises(ConfigError, match="training settings"):
@@ -218,3 +220,14 @@ def test_print_config_shows_the_merged_settings(capsys: pytest.CaptureFixture[st
     assert main(["train", "--config", str(TINY_CONFIG), "--method.r", "4", "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["method"]["r"] == 4 and printed["training"]["learning_rate"] == 0.01
+
+
+def test_osora_methods_default_to_their_measured_learning_rate() -> None:
+    """Unset, training.learning_rate is OSoRA's rule (benchmarks/lr_rule.py) for every OSoRA method, the generic
+    default for the others; a file's or an option's rate wins over both."""
+    for name in ("osora", "osora-S", "osora-O", "osora-scaled"):
+        assert load_config(None, [f"--method.name={name}"]).training.learning_rate == 1e-2
+    for name in ("lora", "vera", "full"):
+        assert load_config(None, [f"--method.name={name}"]).training.learning_rate == 1e-4
+    assert load_config(None, ["--training.learning_rate=3e-3"]).training.learning_rate == 3e-3
+    assert load_config(TINY_CONFIG, ["--method.name=lora"]).training.learning_rate == 0.01  # the YAML's

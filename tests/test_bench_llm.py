@@ -675,3 +675,35 @@ def test_bf16_training_follows_float32(tmp_path, method):
     assert len(fp32) == len(bf16) == 8 and fp32[-1] < fp32[0] - 0.1
     assert bf16[-1] < bf16[0] - 0.1
     assert all(abs(b - f) < 0.03 * f for b, f in zip(bf16, fp32))
+
+
+def test_lr_rule_reads_the_sweeps_and_judges_the_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/lr_rule.py: the protocol's pick from the held-out score (a tie: the lower rate), the rule's test
+    measure against the pick's, and no verdict on a sweep of fewer than three rates."""
+    import lr_rule
+
+    def glue(rates: dict[float, tuple[float, float]], seed: int = 0) -> list[dict]:
+        return [
+            {"method": "osora", "lr": lr, "seed": seed, "select_acc": sel, "dev_acc": dev}
+            for lr, (sel, dev) in rates.items()
+        ]
+
+    sweep = {0.00316: (0.70, 0.60), 0.01: (0.85, 0.80), 0.0316: (0.86, 0.815)}
+    runs = glue(sweep) + glue({0.01: (0.0, 0.0)}, seed=1)  # a later seed never decides
+    (tmp_path / "glue_a.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "glue_b.json").write_text(json.dumps({"runs": glue({**sweep, 0.0316: (0.86, 0.79)})}))
+    (tmp_path / "glue_c.json").write_text(json.dumps({"runs": glue({0.01: (0.85, 0.80)})}))
+    tie = {0.00316: (0.5, 0.5), 0.01: (0.9, 0.7), 0.0316: (0.9, 0.9)}
+    (tmp_path / "glue_d.json").write_text(json.dumps({"runs": glue(tie)}))
+    assert lr_rule.main(["--results", str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert "| 0.0316 |" in rows["glue_a.json"] and "misses (-1.5)" in rows["glue_a.json"]  # 80.0 vs 81.5
+    assert "holds (+1)" in rows["glue_b.json"]  # the rule beats the pick
+    assert "no check" in rows["glue_c.json"]
+    assert (
+        "| 0.01 |" in rows["glue_d.json"] and "holds (+0)" in rows["glue_d.json"]
+    )  # a tie picks the lower rate
+    assert lr_rule.main(["--results", str(tmp_path), "--points", "2"]) == 0
+    assert "holds (-1.5)" in capsys.readouterr().out

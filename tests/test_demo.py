@@ -336,6 +336,14 @@ def test_glue_runner_on_tiny_pair_task(glue, tiny_bert: str, tmp_path: Path) -> 
     again = json.loads((tmp_path / "res" / "glue_again.json").read_text())
     assert all("reused_from" in r for r in again["runs"]) and again["summary"] == report["summary"]
     assert len(glue.pools) == 6  # the reused runs were not trained again
+    # runs trained another way (the results from before Trainer name no trainer) are trained afresh, not reused
+    old = json.loads((tmp_path / "res" / "glue_rte.json").read_text())
+    del old["config"]["trainer"]
+    (tmp_path / "res" / "glue_old.json").write_text(json.dumps(old))
+    argv[argv.index("--reuse") + 1] = str(tmp_path / "res" / "glue_old.json")
+    assert glue.main(argv + ["--readme", str(tmp_path / "old.md")]) == 0
+    rerun = json.loads((tmp_path / "res" / "glue_again.json").read_text())
+    assert len(glue.pools) == 12 and not any("reused_from" in r for r in rerun["runs"])
 
 
 def test_glue_table_shows_only_the_peak_memory_of_runs_first_in_their_process() -> None:

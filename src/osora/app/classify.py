@@ -1,22 +1,17 @@
 """Sequence classification, small and plain: read a labelled file, build a head-only / full / LoRA / VeRA / OSoRA
-model, train it with one AdamW loop, score it, measure its adapter file.
+model, train it with transformers' Trainer, score it, measure its adapter file.
 
-Shared by ``osora demo`` and ``benchmarks/glue.py`` so that both compare methods under exactly the same loop. A
-plain torch loop rather than ``transformers.Trainer``: on runs of a few hundred steps on a CPU, Trainer's setup
-costs more than the training, and the loop below is the whole story in 40 lines.
+Shared by ``osora demo --encoder`` and ``benchmarks/glue.py`` so that both compare methods under exactly the same
+training: one ``TrainingArguments`` schema (:data:`TRAINING_ARGUMENTS`), as in ``osora train``.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
-import math
 import os
-import random
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,13 +159,6 @@ def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 64) ->
     features = [dict(zip(enc.keys(), values)) for values in zip(*enc.values())]
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return Encoded(features, labels, DataCollatorWithPadding(tokenizer))
-
-
-def batches(n: int, batch_size: int, shuffle: bool, seed: int = 0) -> list[list[int]]:
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -347,15 +335,32 @@ def adapter_bytes(model: nn.Module, save_factors: bool | None = None) -> int:
 # -- training and scoring -------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainConfig:
-    lr: float
-    epochs: float = 1.0
-    batch_size: int = 32
-    warmup: float = 0.06
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_grad_norm: float = 1.0
+#: transformers' TrainingArguments of every classification run, beside its rate, epochs, batch size and seed:
+#: AdamW, linear warm-up over the first 6 % of the steps and linear decay to 0, gradients clipped at norm 1, no
+#: weight decay, the loss logged every step, nothing saved or reported.
+TRAINING_ARGUMENTS: dict[str, Any] = {
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0.06,  # a float below 1 is a fraction of the steps
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def training_arguments(lr: float, epochs: float, batch_size: int, seed: int = 0, **overrides: Any) -> Any:
+    """The ``TrainingArguments`` of a run (:data:`TRAINING_ARGUMENTS`; ``epochs`` may be a fraction)."""
+    from transformers import TrainingArguments
+
+    fields: dict[str, Any] = {
+        "learning_rate": lr,
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+    }
+    fields |= {"seed": seed, "output_dir": os.path.join(tempfile.gettempdir(), "osora-classify")}
+    fields["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning warns on a machine without a GPU
+    return TrainingArguments(**TRAINING_ARGUMENTS | fields | overrides)
 
 
 @dataclass
@@ -365,41 +370,36 @@ class TrainResult:
     steps: int = 0
 
 
-def _schedule(config: TrainConfig, total: int) -> Callable[[int], float]:
-    warm = max(1, int(config.warmup * total))
-    return lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+def train(model: nn.Module, data: Encoded, args: Any, desc: str = "train") -> TrainResult:
+    """Train ``model`` on ``data`` with transformers' Trainer under ``args`` (:func:`training_arguments`); returns
+    the loss of every step, shown on one progress bar named ``desc`` (Trainer's own bar prints every log line)."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-
-def train(model: nn.Module, data: Encoded, config: TrainConfig, desc: str = "train") -> TrainResult:
-    """AdamW with linear warm-up and decay over ``epochs`` passes (fractions allowed); returns the loss per step."""
-    torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    total = max(1, round(config.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, total))
-    order: Iterator[list[int]] = (
-        b
-        for epoch in range(math.ceil(config.epochs))
-        for b in batches(len(data), config.batch_size, True, config.seed + epoch)
-    )
     result = TrainResult()
-    model.train()
-    start = time.perf_counter()
-    with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
-        for idx in itertools.islice(order, total):
-            loss = model(**data.batch(idx)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
-    result.seconds = time.perf_counter() - start
-    result.steps = total
+
+    class StepLosses(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = tqdm(total=state.max_steps, desc=desc, leave=False, disable=args.disable_tqdm)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.update()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                result.losses.append(float(logs["loss"]))
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.close()
+
+    rows = [{**f, "labels": int(label)} for f, label in zip(data.features, data.labels)]
+    trainer = Trainer(model, args, train_dataset=rows, data_collator=data.collate, callbacks=[StepLosses()])
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    metrics = trainer.train().metrics
     model.eval()
+    result.seconds, result.steps = float(metrics["train_runtime"]), trainer.state.global_step
     return result
 
 

@@ -268,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         model = C.build(method, model, head, C.MethodSpec(method, vector_rank=args.rank))
         trainable, total = count_parameters(model)
         print(f"[{method}] trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
-        config = C.TrainConfig(
-            lr=DEMO_METHODS[method], epochs=args.epochs, batch_size=args.batch_size, seed=args.seed
-        )
-        result = C.train(model, train, config, desc=f"{method:<6}")
+        lr = DEMO_METHODS[method]
+        training = C.training_arguments(lr, args.epochs, args.batch_size, args.seed)
+        result = C.train(model, train, training, desc=f"{method:<6}")
         accuracy = C.accuracy(C.predict(model, test), test.labels)
         size = C.save_trained(model, out / "adapters" / method)
         rows.append(
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 "total_params": total,
                 "adapter_bytes": size,
                 "train_seconds": result.seconds,
-                "lr": config.lr,
+                "lr": lr,
             }
         )
         curves[method] = result.losses

@@ -6,6 +6,7 @@ same checks on the CPU (to check the tests themselves without a GPU).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -77,3 +78,37 @@ def test_device_factors_agree_with_the_cpu_ones(method: str) -> None:
     assert subspace_agreement(cpu.U, dev.U.cpu()) >= 0.999
     assert subspace_agreement(cpu.Vh.T, dev.Vh.cpu().T) >= 0.999
     assert float(((dev.sigma.cpu() - cpu.sigma).abs() / cpu.sigma).max()) <= 1e-3
+
+
+def test_classification_trains_on_the_device_and_predicts_from_there() -> None:
+    """``osora demo --encoder`` and benchmarks/glue.py: Trainer moves the model to the GPU; prediction follows it
+    there and returns CPU logits."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from osora.app import classify as C
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:  # right-padding with token 0
+        n = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [0] * (n - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (n - len(f["input_ids"])) for f in features]
+        out = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if "labels" in features[0]:
+            out["labels"] = torch.tensor([f["labels"] for f in features])
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (24,), generator=g).tolist()
+    features = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+    data = C.Encoded(features, torch.tensor([n % 2 for n in lengths]), collate)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = C.build(
+        "osora", BertForSequenceClassification(config), ["classifier"], C.MethodSpec("osora", 8, 4)
+    )
+    args = C.training_arguments(1e-2, 1.0, 8, use_cpu=DEVICE == "cpu", disable_tqdm=True)
+    result = C.train(model, data, args)
+    assert result.steps == 3 and len(result.losses) == 3 and all(map(math.isfinite, result.losses))
+    assert next(model.parameters()).device.type == DEVICE
+    logits = C.predict(model, data)
+    assert logits.shape == (24, 2) and logits.device.type == "cpu" and torch.isfinite(logits).all()

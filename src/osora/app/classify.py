@@ -405,15 +405,17 @@ def train(model: nn.Module, data: Encoded, args: Any, desc: str = "train") -> Tr
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Encoded, batch_size: int = 128, desc: str | None = None) -> torch.Tensor:
-    """Logits (n, num_labels), batched by length so padding stays small."""
+    """Logits (n, num_labels) on the CPU, batched by length so padding stays small; the batches go to the model's
+    device (Trainer leaves a trained model on the GPU where there is one)."""
     model.eval()
+    device = next(model.parameters()).device
     order = sorted(range(len(data)), key=data.length)
     logits = torch.empty(0)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(chunks, desc=desc or "eval", leave=False, disable=desc is None):
         batch = data.batch(idx)
         batch.pop("labels")
-        out = model(**batch).logits.float()  # (batch, num_labels)
+        out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()  # (batch, num_labels)
         if logits.numel() == 0:
             logits = torch.empty(len(data), out.shape[-1])
         logits[idx] = out

@@ -237,7 +237,7 @@ def check_reload(model: torch.nn.Module, adapter_dir: Path, args: Any, num_label
     base, _ = C.load_base(
         args.model, num_labels, seed=args.seed + 1
     )  # another head init: the file must carry it
-    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).to(next(model.parameters()).device)
     after = C.predict(reloaded, test)
     return bool(torch.equal(before.argmax(-1), after.argmax(-1))), (before - after).abs().max().item()
 

@@ -11,7 +11,9 @@ Tasks:
                no parse failures, one forward pass per question, lower noise. Second measure: the option
                NLL, −log of the right option's probability once the options' likelihoods are normalised (the
                ranking's log-loss): it moves with every record, where accuracy at this scale sits near the
-               majority answer.
+               majority answer. ``--answers texts`` asks the bare question instead and scores each option's own
+               text (lm-evaluation-harness's form for these sets): LLM-Adapters' label words ("answer2") ask a
+               135M model to bind labels to listed options, which 100 steps do not teach it.
   gsm8k        train on GSM8K train; test: exact match of the greedy completion's last number with the reference
                (the paper's extraction, :data:`osora.app.scoring.TASKS`), plus the mean per-token negative
                log-likelihood of the reference solutions (a low-noise second measure).
@@ -50,6 +52,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -113,6 +116,13 @@ ROWS: dict[str, Row] = {
 # -- scales ---------------------------------------------------------------------------------------------------------
 
 
+#: The forms of a commonsense answer (:attr:`Scale.answers`), as the table describes them.
+ANSWERS_TEXT = {
+    "labels": 'LLM-Adapters\' prompts (the options listed, the answer a label: "the correct answer is answer2")',
+    "texts": "the bare question as the prompt and each option's own text as the answer (BoolQ: yes / no), "
+    "lm-evaluation-harness's form",
+}
+
 #: The precisions a run can use (:attr:`Scale.precision`), as the table describes them.
 PRECISION_TEXT = {
     "bf16": "training under bfloat16 autocast (float32 master weights), scoring in float32, GSM8K generation in "
@@ -137,6 +147,10 @@ class Scale:
     #: "bf16": training under bfloat16 autocast (float32 master weights, as LLM fine-tuning is usually run) and
     #: GSM8K generation on bfloat16 weights; the log-likelihood scorers stay float32. "fp32": float32 throughout.
     precision: str = "bf16"
+    #: Commonsense only, what an answer is (:data:`ANSWERS_TEXT`): "labels", LLM-Adapters' prompt with the options
+    #: listed and the answer a label word (the paper's); "texts", the bare question and the answer the option's
+    #: own text (lm-evaluation-harness's form for these sets).
+    answers: str = "labels"
     seeds: tuple[int, ...] = (0, 1, 2)
     grid_points: int = 3
     grid_step: float = math.sqrt(10)
@@ -144,6 +158,8 @@ class Scale:
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_TEXT:
             raise ValueError(f"precision must be one of {sorted(PRECISION_TEXT)}, got {self.precision!r}")
+        if self.answers not in ANSWERS_TEXT:
+            raise ValueError(f"answers must be one of {sorted(ANSWERS_TEXT)}, got {self.answers!r}")
 
 
 #: (task, scale) -> setup. The CPU preset is the issue's reduced scale (160-256 token records, 100 steps, 100 test
@@ -180,9 +196,10 @@ def load_data(task: str, data_dir: Path, scale: Scale, data_seed: int) -> dict[s
             rng.shuffle(records)
             if len(records) < per_set + scale.select_size:
                 raise SystemExit(f"{data_dir / name}: {len(records)} training records, fewer than needed")
-            train += [{**r, "set": name} for r in records[:per_set]]
-            select += [{**r, "set": name} for r in records[per_set : per_set + scale.select_size]]
-            test[name] = [{**r, "set": name} for r in _read(data_dir / name / "test.json")][
+            form = answer_texts if scale.answers == "texts" else dict
+            train += [form(r, set=name) for r in records[:per_set]]
+            select += [form(r, set=name) for r in records[per_set : per_set + scale.select_size]]
+            test[name] = [form(r, set=name) for r in _read(data_dir / name / "test.json")][
                 : scale.test_size or None
             ]
         rng.shuffle(train)
@@ -196,6 +213,41 @@ def load_data(task: str, data_dir: Path, scale: Scale, data_seed: int) -> dict[s
         "select": records[scale.train_size : scale.train_size + scale.select_size],
         "test": {"gsm8k": _read(data_dir / "test.jsonl")[: scale.test_size or None]},
     }
+
+
+_LISTED_OPTION = re.compile(r"Answer(\d+): (.*?)(?= Answer\d+: |\n\nAnswer format:)", re.S)
+
+
+def options_of(record: dict[str, Any]) -> list[str]:
+    """A commonsense question's answer labels, in either form (:attr:`Scale.answers`)."""
+    return list(record["option_texts"]) if "option_texts" in record else answer_options(record)
+
+
+def answer_texts(record: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An LLM-Adapters commonsense record in the "texts" form (:attr:`Scale.answers`): the instruction becomes the
+    bare question, ``option_texts`` maps each label to its text (BoolQ's true / false to yes / no), and the
+    training response is the right option's text. The label stays the answer, so picks, the majority line and the
+    paired scores read as in the "labels" form."""
+    instruction, labels = str(record["instruction"]), answer_options(record)
+    head, sep, rest = instruction.partition("question:")
+    if not sep:
+        raise ValueError(f"no 'question:' in the commonsense instruction {instruction[:120]!r}")
+    if labels == ["true", "false"]:
+        question = rest.split("\n\nAnswer format:")[0].strip()
+        question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+        texts = {"true": "yes", "false": "no"}
+    else:
+        question = rest.split("\n\nAnswer1:")[0].strip()
+        listed = {f"answer{n}": text.strip() for n, text in _LISTED_OPTION.findall(instruction)}
+        if sorted(listed) != sorted(labels) or not all(listed.values()):
+            raise ValueError(
+                f"options {sorted(listed)} listed, {labels} in the answer format: {instruction[:120]!r}"
+            )
+        texts = {label: listed[label] for label in labels}
+    answer = reference_answer(record)
+    if answer not in texts:
+        raise ValueError(f"answer {answer!r} is none of the options {labels}")
+    return {**record, **extra, "instruction": question, "output": texts[answer], "option_texts": texts}
 
 
 # -- scorers (pure given a log-probability function) ----------------------------------------------------------------
@@ -315,13 +367,14 @@ def choice_scores(
     model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int
 ) -> list[tuple[list[str], list[float]]]:
     """Each question's options ("answer1", "true", …) and their log-likelihoods log p(option | prompt), in record
-    order (up to a term shared by a question's options, which neither the ranking nor the option NLL sees)."""
+    order (up to a term shared by a question's options, which neither the ranking nor the option NLL sees). The
+    response scored is the training response with the option as the answer, or in the "texts" form the option's
+    own text (``option_texts``)."""
     requests, options = [], []
     for record in records:
-        options.append(answer_options(record))
-        ids = [
-            tokenizer(option_response(record, o), add_special_tokens=False)["input_ids"] for o in options[-1]
-        ]
+        options.append(options_of(record))
+        texts = record.get("option_texts") or {o: option_response(record, o) for o in options[-1]}
+        ids = [tokenizer(texts[o], add_special_tokens=False)["input_ids"] for o in options[-1]]
         requests.append(choice_request(prompt_ids(tokenizer, record, "commonsense"), ids))
     pad = tokenizer.pad_token_id
     fast = [q for q in requests if q.tokens]
@@ -751,7 +804,8 @@ def markdown(report: dict[str, Any]) -> str:
         measure = "exact match (%) of the greedy answer's last number, and the mean per-token NLL of the reference solutions"
         criterion = "reference NLL"
     else:
-        measure = "accuracy (%) by log-likelihood ranking of the answer options" + (
+        form = ANSWERS_TEXT[scale.get("answers", "labels")]
+        measure = f"{form}; accuracy (%) by log-likelihood ranking of the answer options" + (
             ", and the option NLL averaged over the four sets: −log of the right option's probability when the "
             "options' likelihoods are normalised to sum to 1 (nats, lower is better; a uniform guess scores 0.693 "
             "on BoolQ's two options, 1.386 on four)"
@@ -929,10 +983,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def readme_name(task: str, scale: str, precision: str = "bf16") -> str:
+def readme_name(task: str, scale: str, precision: str = "bf16", answers: str = "labels") -> str:
     """The table's name: ``<!-- bench:NAME -->`` in README.md, ``benchmarks/README_NAME.md``,
-    ``benchmarks/results/NAME.json``; a precision other than the presets' bf16 is part of it."""
-    return f"llm_{task}_{scale}" + ("" if precision == "bf16" else f"_{precision}")
+    ``benchmarks/results/NAME.json``; a precision other than the presets' bf16 and commonsense answers other than
+    labels are part of it."""
+    return (
+        f"llm_{task}_{scale}"
+        + ("" if answers == "labels" else f"_{answers}")
+        + ("" if precision == "bf16" else f"_{precision}")
+    )
 
 
 def render(json_path: Path) -> str:
@@ -984,6 +1043,8 @@ NOT_SETUP = ("seeds", "grid_points", "grid_step", "eval_batch_size")
 def setup_of(args: argparse.Namespace, scale: Scale) -> dict[str, Any]:
     """What decides whether an earlier run can be reused: model, data, and the scale's training and test sizes."""
     fields = {k: v for k, v in asdict(scale).items() if k not in NOT_SETUP}
+    if fields["answers"] == "labels":  # the form of every file written before there was a choice
+        del fields["answers"]
     return {"model": args.model, "data_dir": str(args.data_dir), "data_seed": args.data_seed, **fields}
 
 
@@ -1005,6 +1066,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         choices=sorted(PRECISION_TEXT),
         help="override the scale's (bf16: training under autocast)",
+    )
+    p.add_argument(
+        "--answers",
+        choices=sorted(ANSWERS_TEXT),
+        help="commonsense: labels (LLM-Adapters' prompts, the default) or texts (the bare question, each option's "
+        "text scored); texts results go to llm_commonsense_<scale>_texts.json",
     )
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument(
@@ -1046,6 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
         "test_size": args.test_size,
     }
     overrides |= {"train_size": args.train_size, "select_size": args.select_size, "precision": args.precision}
+    if args.answers and args.task != "commonsense":
+        raise SystemExit("--answers applies to --task commonsense only")
+    overrides["answers"] = args.answers
     scale = replace(scale, **{k: v for k, v in overrides.items() if v is not None})
     if not args.render and not args.data_dir.is_dir():
         raise SystemExit(
@@ -1053,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             "next to the checkout)"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    name = readme_name(args.task, args.scale, scale.precision)
+    name = readme_name(args.task, args.scale, scale.precision, scale.answers)
     json_path = args.out / f"{name}.json"
     png_path = json_path.with_suffix(".png")
     readme_path = args.readme_dir / f"README_{name}.md"

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def test_answer_options_and_responses():
         llm.answer_options({**ARC, "instruction": "no format line"})
 
 
+def test_answer_texts_form_asks_the_bare_question_and_scores_each_options_text():
+    arc = llm.answer_texts(ARC, set="arc_e")
+    assert arc["instruction"] == "Which is a metal?" and arc["set"] == "arc_e"
+    assert arc["option_texts"] == {"answer1": "wood", "answer2": "iron", "answer3": "glass"}
+    assert arc["output"] == "iron" and llm.reference_answer(arc) == "answer2"  # the label stays the answer
+    boolq = llm.answer_texts({**BOOLQ, "answer": "false", "output": "the correct answer is false"})
+    assert boolq["instruction"] == "Is iron a metal?" and boolq["output"] == "no"
+    assert boolq["option_texts"] == {"true": "yes", "false": "no"}
+    missing = {**ARC, "instruction": ARC["instruction"].replace(" Answer3: glass", "")}
+    with pytest.raises(ValueError, match=r"options \['answer1', 'answer2'\] listed"):
+        llm.answer_texts(missing)
+    with pytest.raises(ValueError, match="none of the options"):
+        llm.answer_texts({**ARC, "answer": "answer4"})
+    with pytest.raises(ValueError, match="no 'question:'"):
+        llm.answer_texts({**ARC, "instruction": "Which is a metal?\n\nAnswer format: answer1/answer2"})
+
+
 def test_choice_request_one_pass_only_when_options_differ_in_their_last_token():
     fast = llm.choice_request([1, 2], [[5, 6, 7], [5, 6, 8], [5, 6, 9]])
     assert fast.context == [1, 2, 5, 6] and fast.tokens == [7, 8, 9] and not fast.sequences
@@ -59,12 +77,13 @@ def test_pick_option_first_of_equals():
     assert llm.pick_option([-0.5]) == 0
 
 
-def _tiny_lm_and_tokenizer():
+def _tiny_lm_and_tokenizer(extra: Sequence[str] = ()):
     from osora.app.data import word_level_tokenizer
 
     from conftest import tiny_model
 
     texts = [ARC["instruction"], ARC["output"], BOOLQ["instruction"], BOOLQ["output"], "user assistant"]
+    texts += list(extra)
     tokenizer = word_level_tokenizer(texts + [o for o in ("answer1", "answer3", "false")])
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant "
@@ -75,17 +94,22 @@ def _tiny_lm_and_tokenizer():
     return model.eval(), tokenizer
 
 
-def test_choice_outcomes_match_brute_force_full_sequence_scoring():
-    model, tokenizer = _tiny_lm_and_tokenizer()
+@pytest.mark.parametrize("answers", ["labels", "texts"])
+def test_choice_outcomes_match_brute_force_full_sequence_scoring(answers):
+    texts = [llm.answer_texts(r)["instruction"] for r in (ARC, BOOLQ)] + ["wood iron glass yes no"]
+    model, tokenizer = _tiny_lm_and_tokenizer(texts if answers == "texts" else ())
     records = [ARC, BOOLQ, {**ARC, "answer": "answer3", "output": "the correct answer is answer3"}]
+    if answers == "texts":
+        records = [llm.answer_texts(r) for r in records]
     brute, brute_nll = [], []
     for record in records:
         prompt = llm.prompt_ids(tokenizer, record, "commonsense")
-        options = llm.answer_options(record)
-        pairs = [
-            (prompt, tokenizer(llm.option_response(record, o), add_special_tokens=False)["input_ids"])
+        options = llm.options_of(record)
+        responses = {
+            o: record["option_texts"][o] if answers == "texts" else llm.option_response(record, o)
             for o in options
-        ]
+        }
+        pairs = [(prompt, tokenizer(responses[o], add_special_tokens=False)["input_ids"]) for o in options]
         scores = [s for s, _ in llm.response_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=1)]
         brute.append(options[llm.pick_option(scores)])
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
@@ -405,6 +429,33 @@ def test_main_writes_every_run_at_once_and_reuses_them(tmp_path, monkeypatch):
     report = json.loads(result.read_text())
     assert report["config"]["methods"] == ["base", "osora-r32", "lora-r8"]
     assert [row["method"] for row in report["summary"]] == ["base", "osora-r32", "lora-r8"]
+
+
+def test_main_answers_texts_is_a_setup_of_its_own_with_its_own_file(tmp_path, monkeypatch):
+    data_dir = _commonsense_dir(tmp_path / "data")
+    seen: list[dict] = []
+
+    def fake_run(task, key, lr, seed, args, scale, data):
+        seen.append(data["test"]["arc_e"][0])
+        return _row(key, lr, seed, select=0.5)
+
+    monkeypatch.setattr(llm, "run_one", fake_run)
+    monkeypatch.setattr(llm, "executor", lambda workers, threads: ThreadPoolExecutor(workers))
+    argv = ["--task", "commonsense", "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]
+    argv += ["--readme-dir", str(tmp_path), "--methods", "base", "--seeds", "0"]
+    argv += ["--train-size", "4", "--select-size", "1", "--test-size", "2"]
+    assert llm.main([*argv, "--answers", "texts"]) == 0
+    assert seen[-1]["instruction"] == "Which is a metal?" and seen[-1]["output"] == "iron"
+    texts = json.loads((tmp_path / "out" / "llm_commonsense_cpu_texts.json").read_text())
+    assert texts["config"]["setup"]["answers"] == "texts"
+    assert "option's own text" in (tmp_path / "README_llm_commonsense_cpu_texts.md").read_text()
+    assert llm.main(argv) == 0  # labels: the file of the earlier runs, whose setups had no "answers"
+    labels = json.loads((tmp_path / "out" / "llm_commonsense_cpu.json").read_text())
+    assert "answers" not in labels["config"]["setup"] and seen[-1]["instruction"] == ARC["instruction"]
+    with pytest.raises(SystemExit, match="--answers applies to --task commonsense only"):
+        llm.main(["--task", "gsm8k", "--answers", "texts", "--data-dir", str(data_dir)])
+    with pytest.raises(ValueError, match="answers must be one of"):
+        llm.Scale(8, 1, 1, 16, 1, 1, answers="words")
 
 
 def test_main_names_a_missing_data_folder_and_keeps_a_half_written_result(tmp_path):

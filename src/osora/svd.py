@@ -579,12 +579,17 @@ def _krylov(
         return exact_svd(W, r)
     dtype = torch.float32 if start is not None else resolve_sketch_dtype(spec, A.device)
     S = _KrylovCopy(W.detach(), dtype, transposed)
-    if start is None:
-        generator = torch.Generator(device=A.device).manual_seed(spec.seed)
-        omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
-        basis = _orth(S.times(omega))  # (B, m, K), K grows by k per block
-    else:
-        basis = _orth(start)
+    generator = torch.Generator(device=A.device).manual_seed(spec.seed)
+    omega = torch.randn(n, k, generator=generator, device=A.device)  # (n, k), same for every matrix
+    basis = _orth(S.times(omega))  # (B, m, K), K grows by k per block
+    if start is not None:
+        # The sketch is kept in the start: the estimate (:func:`_estimates`) takes the spectrum outside the basis to
+        # lie below its floor, which holds for a basis grown from a random block, whose every singular direction
+        # has a share of it, but not from Ritz vectors alone, where a direction nearly absent from the start stays
+        # absent. Started from the refined Ritz vectors only, SmolLM2-135M's layer-4 up_proj (1536 × 576, r = 8,
+        # oversample 8) was estimated at 0.9968 against a true agreement of 0.9881; with the sketch added, 0.9974
+        # against 0.9951.
+        basis = _orth(_orth(start) + basis)
     AAt = S.aat(basis)  # (B, m, K): A Aᵀ basis, the next Krylov block and the Ritz residuals
     out: list[SVDFactors | None] = [None] * B
     # the matrices still iterating (rows of A; their rows of S, basis and AAt follow them), and each one's σ error

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import math
 import os
@@ -357,6 +358,59 @@ def next_token_logprobs(
     return rows
 
 
+def shared_prompt_logprobs(
+    model: Any, questions: Sequence[tuple[list[int], Sequence[list[int]]]], pad: int, batch_size: int
+) -> list[list[float]]:
+    """Summed log p(response | prompt) of each response of each (prompt ids, [response ids, …]) question, the
+    prompt run once and its key/value cache shared by its responses (the commonsense options of the "texts" form
+    are a few tokens after a prompt ten times longer). Prompts are left-padded with explicit positions, the
+    responses right-padded after them; only the positions that predict a response token reach the LM head."""
+    import torch
+
+    out: list[list[float]] = []
+    device = next(model.parameters()).device
+    # transformers 5.25 renamed the forward's past_key_values to cache (the old name warns)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        for batch in _batches(questions, batch_size):
+            width = max(len(p) for p, _ in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            first = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
+            first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # (b, vocab): each response's 1st
+            owner = [i for i, (_, responses) in enumerate(batch) for _ in responses]
+            flat = [list(r) for _, responses in batch for r in responses]
+            index = torch.tensor(owner, device=device)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            cache.reorder_cache(index)  # each question's cache once per response
+            span = max(len(r) for r in flat) - 1  # the response tokens that predict a next one
+            scores = [float(first_logp[i, r[0]]) for i, r in zip(owner, flat)]
+            if span > 0:
+                rest = torch.tensor([r[:-1] + [pad] * (span - len(r) + 1) for r in flat], device=device)
+                rest_mask = torch.tensor(
+                    [[1] * (len(r) - 1) + [0] * (span - len(r) + 1) for r in flat], device=device
+                )
+                logits = model(
+                    input_ids=rest,
+                    attention_mask=torch.cat([mask[index], rest_mask], 1),
+                    position_ids=positions[index, -1:] + 1 + torch.arange(span, device=device),
+                    **{cache_argument: cache},
+                ).logits  # (responses, span, vocab)
+                for j, r in enumerate(flat):
+                    if len(r) > 1:
+                        logp = torch.log_softmax(logits[j, : len(r) - 1].float(), -1)
+                        picked = logp.gather(1, torch.tensor(r[1:], device=device)[:, None])
+                        scores[j] += float(picked.sum())
+            start = 0
+            for _, responses in batch:
+                out.append(scores[start : start + len(responses)])
+                start += len(responses)
+    return out
+
+
 def prompt_ids(tokenizer: Any, record: dict[str, Any], fmt: str) -> list[int]:
     from osora.app.data import make_prompt
 
@@ -381,10 +435,10 @@ def choice_scores(
     rows = iter(
         next_token_logprobs(model, [q.context for q in fast], pad, batch_size, [q.tokens for q in fast])
     )
-    slow = [pair for q in requests for pair in q.sequences]
-    sums = iter(s for s, _ in response_logprobs(model, slow, pad, batch_size))
+    slow = [(q.sequences[0][0], [r for _, r in q.sequences]) for q in requests if not q.tokens]
+    sums = iter(shared_prompt_logprobs(model, slow, pad, batch_size))
     return [
-        (opts, [float(v) for v in next(rows)] if q.tokens else [next(sums) for _ in q.sequences])
+        (opts, [float(v) for v in next(rows)] if q.tokens else next(sums))
         for q, opts in zip(requests, options)
     ]
 

@@ -27,11 +27,12 @@
 # and then gives part 2 the rest of the lease (SKIP_INIT=1 where init_cost's SmolLM2 table is committed too).
 #
 # Each part writes its results and its log to $OUT (at most 8 files come back). Here, copy the JSON files into
-# benchmarks/results, rebuild the tables (llm.py --render with --data-dir .gpu/b/data/TASK, step_cost.py
-# --markdown-only, svd_init.py / init_cost.py --report-only) and run benchmarks/update_readme.py. Part 2's LLM
-# runs stop starting after LLM_BUDGET seconds per task (default 150), LLM_WORKERS at once (default 6), for the tasks
-# in LLM_TASKS and the methods in LLM_METHODS (default: both tasks, every method); each
-# finished run is in $OUT at once, and a later machine resumes from the files committed to benchmarks/results.
+# benchmarks/results, rebuild the tables (llm.py --render with --data-dir .gpu/b/data/TASK, and --answers texts
+# for commonsense; step_cost.py --markdown-only, svd_init.py / init_cost.py --report-only) and run
+# benchmarks/update_readme.py. Part 2's LLM runs stop starting after LLM_BUDGET seconds per task (default 150),
+# LLM_WORKERS at once (default 6), for the tasks in LLM_TASKS and the methods in LLM_METHODS (default: both tasks,
+# every method), commonsense in the texts form (LLM_ANSWERS=labels: the label form); each finished run is in $OUT
+# at once, and a later machine resumes from the files committed to benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh prepare|part1|stage|part2}
@@ -108,11 +109,15 @@ python3 -c "from osora.app.models import load_causal_lm; load_causal_lm('smollm2
     --out "$out/init_cost_smollm2_cuda.json" --readme "$out/README_init_cost_smollm2_cuda.md" || echo "INIT FAILED"
 # each finished run lands in $out at once (it comes back even if the call runs out of time), resuming from the
 # committed file of earlier GPU runs when there is one; LLM_TASKS and LLM_METHODS narrow what a short lease runs
+# commonsense in the texts form (LLM_ANSWERS=labels for LLM-Adapters' label form, llm_commonsense_gpu.json)
+answers=${LLM_ANSWERS:-texts}
 for task in ${LLM_TASKS:-commonsense gsm8k}; do
-    cp benchmarks/results/llm_${task}_gpu.json "$out/" 2>/dev/null || true
+    form=() && name=llm_${task}_gpu
+    if [[ $task == commonsense && $answers != labels ]]; then form=(--answers "$answers") && name+=_$answers; fi
+    cp benchmarks/results/$name.json "$out/" 2>/dev/null || true
     # shellcheck disable=SC2086
     python3 benchmarks/llm.py --task $task --scale gpu --data-dir .gpu/b/data/$task --workers "${LLM_WORKERS:-6}" \
-        --threads 2 --time-budget "${LLM_BUDGET:-150}" --out "$out" --readme-dir /tmp \
+        --threads 2 --time-budget "${LLM_BUDGET:-150}" --out "$out" --readme-dir /tmp "${form[@]}" \
         ${LLM_METHODS:+--methods $LLM_METHODS} || echo "LLM $task FAILED"
 done
 rm -f "$out"/*.png # redrawn here by llm.py --render; 8 files at most come back

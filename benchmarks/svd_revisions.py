@@ -1,0 +1,92 @@
+"""Benchmark: ``osora.svd`` of this working tree against another git revision's, on single matrices, interleaved.
+
+Each case (shape, r, method) decomposes one Gaussian matrix with ``top_r_svd`` of both versions in alternating order
+(the machine's load falls on both alike) and prints min and median wall time and whether the two versions give
+bitwise identical factors. A single matrix runs with torch's and BLAS's own thread counts (no batch to split
+across threads), the case where thread pools of different libraries alternate.
+
+    python benchmarks/svd_revisions.py --base HEAD~1        # this tree against the previous commit
+    python benchmarks/svd_revisions.py --base main --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = [  # (shape, r, method)
+    ((192, 576), 8, "randomized"),  # SmolLM2-135M's k_proj / v_proj: the exact SVD by the cost model
+    ((576, 576), 8, "exact"),
+    ((1536, 576), 32, "randomized"),
+    ((2048, 2048), 32, "exact"),
+    ((4096, 4096), 32, "exact"),
+]
+
+
+def load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", required=True, help="git revision whose src/osora/svd.py is compared")
+    parser.add_argument(
+        "--reps", type=int, default=20, help="timed calls per version (large shapes: a quarter)"
+    )
+    args = parser.parse_args(argv)
+    source = subprocess.run(
+        ["git", "show", f"{args.base}:src/osora/svd.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "svd_base.py").write_text(source)
+        versions = {
+            "base": load(Path(tmp) / "svd_base.py", "svd_base"),
+            "tree": load(ROOT / "src/osora/svd.py", "svd_tree"),
+        }
+    print(f"base {args.base}, tree {ROOT}; torch threads {torch.get_num_threads()}")
+    warnings.simplefilter("ignore")  # accuracy warnings of a Gaussian matrix are not what is timed here
+    g = torch.Generator().manual_seed(0)
+    for shape, r, method in CASES:
+        W = torch.randn(*shape, generator=g)
+        reps = args.reps if shape[0] * shape[1] < 2**22 else max(2, args.reps // 4)
+        times: dict[str, list[float]] = {name: [] for name in versions}
+        found = {name: v.top_r_svd(W, r, v.SVDSpec(method=method)) for name, v in versions.items()}  # warm-up
+        for i in range(reps):
+            for name in list(versions)[:: 1 if i % 2 else -1]:
+                v = versions[name]
+                t0 = time.perf_counter()
+                v.top_r_svd(W, r, v.SVDSpec(method=method))
+                times[name].append(time.perf_counter() - t0)
+        a, b = found["base"], found["tree"]
+        same = all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("U", "sigma", "Vh"))
+        cells = [
+            f"{n} min {min(t) * 1e3:.1f} / median {statistics.median(t) * 1e3:.1f} ms"
+            for n, t in times.items()
+        ]
+        print(
+            f"{shape[0]}x{shape[1]} r={r} {method}: "
+            + "; ".join(cells)
+            + ("; identical" if same else "; differ")
+        )
+
+
+if __name__ == "__main__":
+    main()

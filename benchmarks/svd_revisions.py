@@ -5,8 +5,11 @@ Each case (shape, r, method) decomposes one Gaussian matrix with ``top_r_svd`` o
 bitwise identical factors. A single matrix runs with torch's and BLAS's own thread counts (no batch to split
 across threads), the case where thread pools of different libraries alternate.
 
+``--smollm2``: also SmolLM2-135M-Instruct's 210 targeted weights decomposed one by one (as layers that compute
+their own factors do: quantized bases, ZeRO-3), the total per version, at r = 8 and 32.
+
     python benchmarks/svd_revisions.py --base HEAD~1        # this tree against the previous commit
-    python benchmarks/svd_revisions.py --base main --reps 5
+    python benchmarks/svd_revisions.py --base main --reps 5 --smollm2
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reps", type=int, default=20, help="timed calls per version (large shapes: a quarter)"
     )
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M's weights one by one")
     args = parser.parse_args(argv)
     source = subprocess.run(
         ["git", "show", f"{args.base}:src/osora/svd.py"], cwd=ROOT, check=True, capture_output=True, text=True
@@ -86,6 +90,25 @@ def main(argv: list[str] | None = None) -> None:
             + "; ".join(cells)
             + ("; identical" if same else "; differ")
         )
+    if args.smollm2:
+        one_by_one(versions, max(2, args.reps // 5))
+
+
+def one_by_one(versions: dict[str, ModuleType], reps: int) -> None:
+    from init_cost import TARGETS, smollm2
+
+    model = smollm2()
+    weights = [m.weight.detach() for n, m in model.named_modules() if n.rpartition(".")[2] in TARGETS]
+    for r in (8, 32):
+        times: dict[str, list[float]] = {name: [] for name in versions}
+        for i in range(reps):
+            for name in list(versions)[:: 1 if i % 2 else -1]:
+                t0 = time.perf_counter()
+                for w in weights:
+                    versions[name].top_r_svd(w, r)
+                times[name].append(time.perf_counter() - t0)
+        cells = [f"{n} min {min(t):.2f} / median {statistics.median(t):.2f} s" for n, t in times.items()]
+        print(f"SmolLM2-135M, {len(weights)} weights one by one, r={r}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

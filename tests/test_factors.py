@@ -50,15 +50,16 @@ def test_batched_equals_single(
     try:
         batched = batched_top_r_svd(W, 8, spec)
         assert torch.get_num_threads() == threads  # restored after the single-threaded kernels
+        # alone at the same thread count: a matrix this small runs single-threaded kernels alone too
+        singles = [top_r_svd(w, 8, spec) for w in W]
+        # and the same matrices stored transposed (Conv1D weights)
+        views = [top_r_svd(w.T.contiguous().T, 8, spec) for w in W]
     finally:
         torch.set_num_threads(1)
     iterations = {f.accuracy.power_iters for f in batched if f.accuracy is not None}
     if method == "randomized":
         assert len(iterations) > 1, "the test needs matrices that stop at different Krylov steps"
-    for i, f in enumerate(batched):
-        single = top_r_svd(W[i], 8, spec)
-        # and the same matrix stored transposed (a Conv1D weight)
-        view = top_r_svd(W[i].T.contiguous().T, 8, spec)
+    for i, (f, single, view) in enumerate(zip(batched, singles, views)):
         for a, b, c in zip(
             (f.U, f.sigma, f.Vh), (single.U, single.sigma, single.Vh), (view.U, view.sigma, view.Vh)
         ):

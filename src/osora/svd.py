@@ -107,6 +107,12 @@ RANDOMIZED_FIXED_COST = 3.5e8
 #: 0.78 s stacked, 0.57 s one after the other).
 MAX_BATCH_BYTES = 16 * 2**20
 
+#: A weight with m · n · min(m, n) below this is decomposed with single-threaded kernels even alone (CPU): its
+#: products are too small to split across threads, and the pools of torch (OpenMP) and of BLAS, which spin-wait
+#: for work between calls, slowed one another (2 cores, median of 20: 192 × 576 15.8 ms against 4.4 ms, 576 × 576
+#: 21.0 against 12.7, 1536 × 576 24.1 against 21.4; from 2048 × 2048, 8.6e9, two threads were faster).
+SINGLE_THREAD_MAX_WORK = 2**30
+
 #: The exact SVD goes through the Gram matrix while σ_r ≥ this · σ₁: its relative σ error, about
 #: eps₃₂ (σ₁/σ_r)² ≈ 1.2e-5 here, stays two orders below the randomized method's tolerance.
 GRAM_MIN_RATIO = 0.1
@@ -761,8 +767,9 @@ def batched_top_r_svd(
     split into that many parts decomposed in parallel threads, each with single-threaded kernels
     (:func:`single_threaded_kernels`): the matrices here are small enough that splitting the batch uses the cores
     better than splitting each product, and a busy machine does not stall the many small multi-threaded kernels
-    (SmolLM2-135M's init: 51 s instead of 67–164 s at a load average of 6 on 2 cores). Each matrix's result
-    depends only on the matrix (not on the split or the stack it is in).
+    (SmolLM2-135M's init: 51 s instead of 67–164 s at a load average of 6 on 2 cores). Fewer matrices than
+    threads run with multi-threaded kernels, unless they are small (``SINGLE_THREAD_MAX_WORK``). Each matrix's
+    result depends only on the matrix (not on the split or the stack it is in).
 
     Args:
         W: The weights, all of one shape and device, any floating dtype: a stack (batch, d_out, d_in) or a
@@ -797,12 +804,11 @@ def batched_top_r_svd(
         return out
 
     workers = torch.get_num_threads()
-    if (
-        device.type != "cpu" or len(matrices) < workers
-    ):  # too few matrices for every thread: split each product
-        return decompose(matrices)
+    small = shape[0] * shape[1] * min(shape) < SINGLE_THREAD_MAX_WORK
+    if device.type != "cpu" or (len(matrices) < workers and not small):
+        return decompose(matrices)  # too few matrices for every thread: split each product
     with single_threaded_kernels():
-        if workers == 1:
+        if workers == 1 or len(matrices) < workers:
             return decompose(matrices)
         from concurrent.futures import ThreadPoolExecutor
 

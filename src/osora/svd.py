@@ -24,8 +24,8 @@ Two methods, chosen per shape:
   accuracy estimate is that of the float32 triplets.
 
 ``"randomized"`` computes the exact SVD instead for the shapes where the cost model (:func:`prefers_exact`,
-fitted to measured times of both methods) predicts it is cheaper: small matrices (SmolLM2-135M's 192 × 576 weights
-at every r, its 576 × 1536 and 1536 × 576 ones from r = 16, all of them from r = 24), or a sketch that is not much
+fitted to measured times of both methods) predicts it is cheaper: small matrices (SmolLM2-135M's 192 × 576,
+576 × 1536 and 1536 × 576 weights at r ≥ 8, its 576 × 576 ones from r = 16), or a sketch that is not much
 narrower than the matrix.
 
 The randomized method checks its own result from the residuals of the Ritz triplets, rᵢ = W vᵢ − σ̃ᵢ uᵢ (Wᵀuᵢ
@@ -95,12 +95,15 @@ RITZ_EIGH_COST = 24.0
 
 #: The randomized method's cost per matrix beyond the terms above, in the same units: its many small operations
 #: (accuracy checks, QRs, the growing basis's copies, the Python between kernels, which two threads share). Fitted
-#: to SmolLM2-135M's real weights on 2 threads of an idle Intel Xeon (AMX-BF16; ``benchmarks/init_cost.py
-#: --calibrate``): time randomized / exact at 576 × 576 0.80 (r = 8), 0.84 (r = 16), 1.01 (r = 24); at 1536 × 576
-#: and 576 × 1536 0.93–0.98 (r = 8) and 1.19–1.23 (r = 16), where the terms above alone predicted 0.28–0.72, and
-#: the exact SVD was picked only from r = 24. It is negligible from 1024 × 1024 on (under 10 % of the exact SVD's
-#: cost there).
-RANDOMIZED_FIXED_COST = 3.5e8
+#: to SmolLM2-135M's real weights on 2 threads of two idle machines (``benchmarks/init_cost.py --calibrate``), so
+#: that the cheaper method is picked by the geometric mean of the two machines' time ratios randomized / exact:
+#: an Intel Xeon (AMX-BF16) at 576 × 576 0.80 (r = 8), 0.84 (r = 16), 1.01 (r = 24), at 1536 × 576 and 576 × 1536
+#: 0.93–0.98 (r = 8), 1.19–1.23 (r = 16); an AMD EPYC (AVX-512 BF16) at 576 × 576 0.76–0.94 (r = 8), 1.22–1.33
+#: (r = 16), 1.47 (r = 24), at 1536 × 576 1.10 and 576 × 1536 1.22–1.25 (r = 8), 1.56–1.71 (r = 16). The terms above
+#: alone predicted 0.28–0.72 there. Any value in (4.3e8, 4.8e8) gives those picks: the exact SVD at r = 8 for the
+#: MLP shapes, randomized for 576 × 576 up to r = 8. It is negligible from 1024 × 1024 on (under 10 % of the exact
+#: SVD's cost there).
+RANDOMIZED_FIXED_COST = 4.5e8
 
 #: Largest stack of float32 weights decomposed as one batched computation (bytes). Stacking amortises the per-call
 #: overhead of small matrices; large ones are faster one at a time (two 4096 × 4096 weights at r = 32, one thread:

@@ -388,20 +388,29 @@ def markdown(result: dict, source: Path) -> str:
             ]
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
     alphas = result.get("alphas")
-    if alphas:
-        lines += [
-            "",
-            "7B stack spectra: σᵢ ∝ i^-α with α per projection the median fitted to SmolLM2-135M's weights ("
-            + ", ".join(f"{k} {v:.2f}" for k, v in alphas.items())
-            + "). Agreement: mean squared cosine of the principal angles to the exact top-r subspaces, the lower "
-            "of U and V, worst over all adapted matrices; reference: the exact SVD of the weights as adapted "
-            + (
+    spectra = (  # only where the 7B stack was measured
+        "7B stack spectra: σᵢ ∝ i^-α with α per projection the median fitted to SmolLM2-135M's weights ("
+        + ", ".join(f"{k} {v:.2f}" for k, v in alphas.items())
+        + "). "
+        if stack and alphas
+        else ""
+    )
+    lines += [
+        "",
+        spectra
+        + "Agreement: mean squared cosine of the principal angles to the exact top-r subspaces, the lower "
+        "of U and V, worst over all adapted matrices; reference: the exact SVD of the weights as adapted "
+        + (
+            (
                 "(the construction for the float32 7B stack, LAPACK's SVD otherwise)"
-                if cfg.get("dtype", "float32") == "float32"
-                else f"({cfg['dtype']}, upcast; LAPACK's SVD)"
+                if stack
+                else "(LAPACK's SVD)"
             )
-            + ". LoRA computes no SVD.",
-        ]
+            if cfg.get("dtype", "float32") == "float32"
+            else f"({cfg['dtype']}, upcast; LAPACK's SVD)"
+        )
+        + ". LoRA computes no SVD.",
+    ]
     return "\n".join(lines) + "\n"
 
 

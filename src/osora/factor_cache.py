@@ -25,8 +25,10 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import atomic_save_file
 from .svd import SVDAccuracy, SVDFactors, SVDSpec
 
-#: Bumped when the entry layout or the algorithm changes; older entries then count as stale.
-CACHE_FORMAT = "4"  # 4: the exact path through ssyrk + ssyevr, the float32 continuation of the Krylov method
+#: Bumped when the entry layout or the algorithm changes; older entries then count as stale. 4: the exact path
+#: through ssyrk + ssyevr, the float32 continuation of the Krylov method; 5: the cost model refitted (the exact SVD
+#: for more shapes at small r), small lone matrices on single-threaded kernels.
+CACHE_FORMAT = "5"
 _TENSORS = ("U", "sigma", "Vh")
 
 

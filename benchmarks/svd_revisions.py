@@ -56,15 +56,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M's weights one by one")
     args = parser.parse_args(argv)
-    source = subprocess.run(
-        ["git", "show", f"{args.base}:src/osora/svd.py"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
+    shown = subprocess.run(
+        ["git", "show", f"{args.base}:src/osora/svd.py"], cwd=ROOT, capture_output=True, text=True
+    )
+    if shown.returncode:
+        parser.error(f"--base {args.base}: no src/osora/svd.py there ({shown.stderr.strip()})")
+    source = shown.stdout
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "svd_base.py").write_text(source)
         versions = {
             "base": load(Path(tmp) / "svd_base.py", "svd_base"),
             "tree": load(ROOT / "src/osora/svd.py", "svd_tree"),
         }
+    missing = [n for n in ("top_r_svd", "SVDSpec") if not hasattr(versions["base"], n)]
+    if missing:
+        parser.error(f"--base {args.base}: its osora.svd has no {' or '.join(missing)} (an earlier API)")
     print(f"base {args.base}, tree {ROOT}; torch threads {torch.get_num_threads()}")
     warnings.simplefilter("ignore")  # accuracy warnings of a Gaussian matrix are not what is timed here
     g = torch.Generator().manual_seed(0)

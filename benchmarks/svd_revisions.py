@@ -6,7 +6,9 @@ bitwise identical factors. A single matrix runs with torch's and BLAS's own thre
 across threads), the case where thread pools of different libraries alternate.
 
 ``--smollm2``: also SmolLM2-135M-Instruct's 210 targeted weights decomposed one by one (as layers that compute
-their own factors do: quantized bases, ZeRO-3), the total per version, at r = 8 and 32.
+their own factors do: quantized bases, ZeRO-3), the total per version, at r = 8 and 32; and ``get_peft_model`` with
+OSoRA r = 8 on all its linear layers loaded in 4-bit (bitsandbytes; each version's ``batched_top_r_svd`` in
+``osora.factors``), 2 repetitions per version.
 
     python benchmarks/svd_revisions.py --base HEAD~1        # this tree against the previous commit
     python benchmarks/svd_revisions.py --base main --reps 5 --smollm2
@@ -115,6 +117,35 @@ def one_by_one(versions: dict[str, ModuleType], reps: int) -> None:
                 times[name].append(time.perf_counter() - t0)
         cells = [f"{n} min {min(t):.2f} / median {statistics.median(t):.2f} s" for n, t in times.items()]
         print(f"SmolLM2-135M, {len(weights)} weights one by one, r={r}: " + "; ".join(cells))
+    four_bit(versions)
+
+
+def four_bit(versions: dict[str, ModuleType]) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import osora.factors
+    from init_cost import TARGETS
+    from osora.app.models import resolve
+
+    path = resolve("smollm2-135m-instruct").location  # the converted GGUF's folder
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    times: dict[str, list[float]] = {name: [] for name in versions}
+    own = osora.factors.batched_top_r_svd
+    try:
+        for i in range(2):
+            for name in list(versions)[:: 1 if i % 2 else -1]:
+                osora.factors.batched_top_r_svd = versions[name].batched_top_r_svd  # type: ignore[attr-defined]
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, quantization_config=quantized, dtype=torch.float32
+                )
+                t0 = time.perf_counter()
+                get_peft_model(model, osora.OSoRAConfig(r=8, target_modules=TARGETS))
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        osora.factors.batched_top_r_svd = own
+    cells = [f"{n} {', '.join(f'{x:.2f}' for x in t)} s" for n, t in times.items()]
+    print("SmolLM2-135M in 4-bit, get_peft_model OSoRA r=8: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 #   run(command="LLM_TASKS=commonsense LLM_BUDGET=30 bash benchmarks/gpu_session.sh part2", carry=[".gpu/b"],
 #       timeout_s=480)
 #
-# Measured on an H200 (2026-12-04): part 1 took 263 s, the machine's start and transfers about 30 s; a part 2 that
+# Measured on an H200 (2026-12-04): part 1 took 263 s (before its second, stacked init_cost run was added: not
+# timed yet), the machine's start and transfers about 30 s; a part 2 that
 # stopped at its first training step (set-up, init_cost, data) took 144 s; 8 commonsense runs at once trained for
 # 229-247 s each and had not finished scoring when the 320-s call ended, so one wave of GPU-scale commonsense runs
 # needs a call of at least 6 minutes. A GSM8K run at the GPU scale (1000 steps of 16 x 512 tokens, then 1,319
@@ -28,7 +29,8 @@
 #
 # Each part writes its results and its log to $OUT (at most 8 files come back). Here, copy the JSON files into
 # benchmarks/results, rebuild the tables (llm.py --render with --data-dir .gpu/b/data/TASK, and --answers texts
-# for commonsense; step_cost.py --markdown-only, svd_init.py / init_cost.py --report-only) and run
+# for commonsense; step_cost.py --markdown-only, svd_init.py / init_cost.py --report-only, the stacked init_cost
+# too) and run
 # benchmarks/update_readme.py. Part 2's LLM runs stop starting after LLM_BUDGET seconds per task (default 150),
 # LLM_WORKERS at once (default 6), for the tasks in LLM_TASKS and the methods in LLM_METHODS (default: both tasks,
 # every method), commonsense in the texts form (LLM_ANSWERS=labels: the label form); each finished run is in $OUT
@@ -96,6 +98,11 @@ if [[ $part == part1 || $part == stage ]]; then
     python3 benchmarks/init_cost.py --device cuda --dtype bfloat16 --models llama7b --layers 2 --ranks 32 128 \
         --reps 2 --exact-7b-ranks 32 --out "$out/init_cost_cuda_bfloat16.json" \
         --readme "$out/README_init_cost_cuda_bfloat16.md" || echo "INIT_COST FAILED"
+    # the same with a shape's matrices stacked on the GPU (16 MiB, the default, holds less than one 4096² float32
+    # matrix, so each runs alone and pays every per-call cost itself); its table is redrawn here (8 files come back)
+    python3 benchmarks/init_cost.py --device cuda --dtype bfloat16 --models llama7b --layers 2 --ranks 32 128 \
+        --reps 2 --exact-7b-ranks --max-batch-mib 1024 --out "$out/init_cost_cuda_bfloat16_stacked.json" \
+        --readme /tmp/README_init_cost_cuda_bfloat16_stacked.md || echo "INIT_COST STACKED FAILED"
     exit 0
 fi
 

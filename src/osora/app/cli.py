@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"osora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # raised inside peft (it reads the base model's is_gradient_checkpointing, deprecated in transformers 5) by
+    # every command that builds or loads an adapter: nothing the user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     harness = command == "eval" and any(a == "--harness" or a.startswith("--harness=") for a in rest)
     module = importlib.import_module("osora.app.harness" if harness else COMMANDS[command][0])
     args = [command, *rest] if command in {"merge", "export"} else rest

@@ -192,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from .params import count_parameters
     from .train import received_signal, run
 
-    # harmless here: a transformers deprecation raised inside peft, and peft looking for the base's config under
-    # its short name (the vocabulary is not modified)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # harmless here: peft looking for the base's config under its short name (the vocabulary is not modified)
     warnings.filterwarnings("ignore", message="Could not find a config file in")
     start = time.perf_counter()
     out = Path(args.out)

@@ -247,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     # Expected and harmless here: VeRA's compact save (regenerated from its PRNG key, as OSoRA's compact save is
-    # recomputed from the base) and a transformers deprecation raised inside peft.
+    # recomputed from the base).
     warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

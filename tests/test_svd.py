@@ -135,6 +135,7 @@ def test_randomized_takes_the_exact_svd_where_the_cost_model_says_it_is_cheaper(
     exact = functools.partial(osora.svd.prefers_exact, spec=SVDSpec(sketch_dtype="bfloat16"))
     assert [exact(s, 8) for s in (attention, kv, up, down)] == [False, True, True, True]
     assert [exact(s, 16) for s in (attention, up, down)] == [True, True, True]
+    assert exact(attention, 24)
     assert not any(exact(s, 128) for s in [(4096, 4096), (11008, 4096), (4096, 11008)])
 
 

@@ -401,8 +401,8 @@ def _gram(a: np.ndarray) -> np.ndarray:
 
     BLAS ssyrk from the library of ssyevr itself, where scipy has that table: numpy's ``a @ a.T`` is ssyrk too,
     but from numpy's own OpenBLAS, and alternating two OpenBLAS thread pools (each spin-waits for work after a
-    call) made a lone matrix's exact SVD 5–30× slower on 2 cores (192 × 576: 6.3 ms at best, 31.9 ms median,
-    against 1.0 and 1.1 ms; 576 × 1536: 22.3 / 40.8 against 15.4 / 16.5 ms).
+    call) slowed a lone matrix's exact SVD on 2 cores (192 × 576: 6.3 ms at best, 31.9 ms median, against 1.0 and
+    1.1 ms; 576 × 1536: 22.3 / 40.8 against 15.4 / 16.5 ms).
     """
     m, n = a.shape
     if _ssyrk() is None or _ssyevr() is None:
@@ -824,15 +824,24 @@ def batched_top_r_svd(
 @contextmanager
 def single_threaded_kernels() -> Iterator[None]:
     """torch's intra-op threads and the BLAS under scipy's LAPACK set to one thread, restored afterwards."""
-    from threadpoolctl import threadpool_limits
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_pools().limit(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _blas_pools() -> Any:
+    """threadpoolctl's controller of the loaded BLAS libraries, listed once: ``threadpool_limits`` lists them on
+    every call (about 2 ms, once per matrix where layers decompose their weights one by one). scipy.linalg is
+    imported first, so that its OpenBLAS, the one LAPACK runs on here, is among them."""
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def top_r_svd(W: torch.Tensor, r: int, spec: SVDSpec | None = None) -> SVDFactors:

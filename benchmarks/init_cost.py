@@ -333,10 +333,8 @@ def markdown(result: dict, source: Path) -> str:
     ]
     device, dtype = cfg.get("device", "cpu"), cfg.get("dtype", "float32")
     where = hw.get("gpu") if device == "cuda" else f"{hw['cpu']}, {hw['torch_threads']} torch thread(s)"
-    batch = cfg.get("max_batch_bytes")  # absent from files written before it was recorded: 16 MiB then
-    stacks = (
-        f"; stacks of up to {batch // 2**20} MiB per batched SVD" if batch and batch != 16 * 2**20 else ""
-    )
+    batch = cfg.get("max_batch_bytes")  # absent from files written before it was recorded
+    stacks = f"; stacks of up to {batch // 2**20} MiB per batched SVD" if batch else ""
     lines = [
         f"{where}, {dtype} weights; commit {git['commit'][:8]}"
         f"{' dirty' if git['dirty'] else ''}{stacks}; `get_peft_model` wall time, median (min) of {cfg['reps']} "

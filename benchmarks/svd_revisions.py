@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +47,22 @@ def load(path: Path, name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(names: list[str], reps: int, timed: Callable[[str], float]) -> dict[str, list[float]]:
+    """``timed(name)``, in seconds, ``reps`` times per name in alternating order, so that the machine's load
+    falls on every version alike."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for name in names[:: 1 if i % 2 else -1]:
+            times[name].append(timed(name))
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,14 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     for shape, r, method in CASES:
         W = torch.randn(*shape, generator=g)
         reps = args.reps if shape[0] * shape[1] < 2**22 else max(2, args.reps // 4)
-        times: dict[str, list[float]] = {name: [] for name in versions}
         found = {name: v.top_r_svd(W, r, v.SVDSpec(method=method)) for name, v in versions.items()}  # warm-up
-        for i in range(reps):
-            for name in list(versions)[:: 1 if i % 2 else -1]:
-                v = versions[name]
-                t0 = time.perf_counter()
-                v.top_r_svd(W, r, v.SVDSpec(method=method))
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved(
+            list(versions),
+            reps,
+            lambda name, W=W, r=r, method=method: seconds(
+                lambda: versions[name].top_r_svd(W, r, versions[name].SVDSpec(method=method))
+            ),
+        )
         a, b = found["base"], found["tree"]
         same = all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("U", "sigma", "Vh"))
         cells = [
@@ -108,13 +125,11 @@ def one_by_one(versions: dict[str, ModuleType], reps: int) -> None:
     model = smollm2()
     weights = [m.weight.detach() for n, m in model.named_modules() if n.rpartition(".")[2] in TARGETS]
     for r in (8, 32):
-        times: dict[str, list[float]] = {name: [] for name in versions}
-        for i in range(reps):
-            for name in list(versions)[:: 1 if i % 2 else -1]:
-                t0 = time.perf_counter()
-                for w in weights:
-                    versions[name].top_r_svd(w, r)
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved(
+            list(versions),
+            reps,
+            lambda name, r=r: seconds(lambda: [versions[name].top_r_svd(w, r) for w in weights]),
+        )
         cells = [f"{n} min {min(t):.2f} / median {statistics.median(t):.2f} s" for n, t in times.items()]
         print(f"SmolLM2-135M, {len(weights)} weights one by one, r={r}: " + "; ".join(cells))
     four_bit(versions)
@@ -130,18 +145,15 @@ def four_bit(versions: dict[str, ModuleType]) -> None:
 
     path = resolve("smollm2-135m-instruct").location  # the converted GGUF's folder
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    times: dict[str, list[float]] = {name: [] for name in versions}
     own = osora.factors.batched_top_r_svd
+
+    def timed(name: str) -> float:  # the model's load is not timed
+        osora.factors.batched_top_r_svd = versions[name].batched_top_r_svd  # type: ignore[attr-defined]
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantized, dtype=torch.float32)
+        return seconds(lambda: get_peft_model(model, osora.OSoRAConfig(r=8, target_modules=TARGETS)))
+
     try:
-        for i in range(2):
-            for name in list(versions)[:: 1 if i % 2 else -1]:
-                osora.factors.batched_top_r_svd = versions[name].batched_top_r_svd  # type: ignore[attr-defined]
-                model = AutoModelForCausalLM.from_pretrained(
-                    path, quantization_config=quantized, dtype=torch.float32
-                )
-                t0 = time.perf_counter()
-                get_peft_model(model, osora.OSoRAConfig(r=8, target_modules=TARGETS))
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved(list(versions), 2, timed)
     finally:
         osora.factors.batched_top_r_svd = own
     cells = [f"{n} {', '.join(f'{x:.2f}' for x in t)} s" for n, t in times.items()]

@@ -22,6 +22,7 @@ benchmarks/results/init_cost.json; the table goes to benchmarks/README_init_cost
     python benchmarks/init_cost.py --quick                       # SmolLM2 at r=8, 1 rep, to $TMPDIR
     python benchmarks/init_cost.py --report-only                 # table from the JSON
     python benchmarks/init_cost.py --calibrate                   # the cost-model constants of osora.svd
+    python benchmarks/init_cost.py --models smollm2 --layers 0 --background-load 2   # beside 2 busy processes
     python benchmarks/init_cost.py --device cuda --dtype bfloat16   # on a GPU: results/init_cost_cuda_bfloat16.json
     python benchmarks/init_cost.py --models llama7b --dtype bfloat16   # the 7B stack alone (spectra: --alphas-from)
 
@@ -33,17 +34,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
 import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -307,6 +310,21 @@ def calibrate() -> None:
             )
 
 
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` other processes, each keeping a core busy with a pure-Python loop, while the block runs: the machine
+    shared with other jobs, as on a node where data loading or other runs compete for the cores. Killed (and
+    reaped) when the block ends, however it ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def _timed(fn: Callable[[], object], n: int) -> list[float]:
     """Times of ``n`` calls, after one warm-up call."""
     fn()
@@ -335,6 +353,12 @@ def markdown(result: dict, source: Path) -> str:
     where = hw.get("gpu") if device == "cuda" else f"{hw['cpu']}, {hw['torch_threads']} torch thread(s)"
     batch = cfg.get("max_batch_bytes")  # absent from files written before it was recorded
     stacks = f"; stacks of up to {batch // 2**20} MiB per batched SVD" if batch else ""
+    busy = cfg.get("background_load", 0)
+    stacks += (
+        f"; **beside {busy} busy process{'es' if busy > 1 else ''}** (`--background-load {busy}`: pure-Python loops)"
+        if busy
+        else ""
+    )
     lines = [
         f"{where}, {dtype} weights; commit {git['commit'][:8]}"
         f"{' dirty' if git['dirty'] else ''}{stacks}; `get_peft_model` wall time, median (min) of {cfg['reps']} "
@@ -457,6 +481,13 @@ def main(argv: list[str] | None = None) -> None:
         help="osora.svd.MAX_BATCH_BYTES in MiB, the largest stack of one shape decomposed at once (default: the "
         "library's; on a GPU, where every 7B matrix otherwise runs alone, larger stacks share the per-call costs)",
     )
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy processes (one core each) beside the measurements, as when other jobs share the machine",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the weights are")
     parser.add_argument(
         "--dtype",
@@ -488,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.background_load < 0:
+        parser.error(f"--background-load must be 0 or more, got {args.background_load}")
     if args.max_batch_mib is not None:
         if args.max_batch_mib < 1:
             parser.error(f"--max-batch-mib must be at least 1, got {args.max_batch_mib}")
@@ -518,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
                 "targets": TARGETS,
                 "osora_svd_spec": dataclasses.asdict(SVDSpec()),
                 "max_batch_bytes": osora.svd.MAX_BATCH_BYTES,
+                "background_load": args.background_load,
                 "device": args.device,
                 "dtype": args.dtype,
                 "models": args.models,
@@ -531,36 +565,39 @@ def main(argv: list[str] | None = None) -> None:
         def record_results() -> None:  # after every measurement: a partial run still leaves a complete file
             write_result(args.out, record.finish(**results))
 
-        placed = {"device": args.device, "dtype": getattr(torch, args.dtype)}
-        fast = [m for m in METHODS if m != "osora_exact"]
-        if "smollm2" in args.models or args.quick:
-            smol = smollm2()
-            results["alphas"] = fitted_alphas(smol)
-            smol = smol.to(**placed)
-            refs = exact_refs(smol)  # of the weights as the methods see them (bfloat16: the copy's own SVD)
-            entry = results["models"].setdefault(
-                "smollm2", {"label": "SmolLM2-135M (210 matrices)", "by_r": {}}
-            )
-            bench_model("smollm2", smol, refs, ranks, reps, fast, record_results, entry["by_r"])
-            bench_model(
-                "smollm2", smol, refs, ranks, args.exact_reps, ["osora_exact"], record_results, entry["by_r"]
-            )
-            del smol
-            gc.collect()
-        else:
-            results["alphas"] = json.loads(args.alphas_from.read_text())["alphas"]
-        if layers and "llama7b" in args.models:
-            stack, refs = llama7b_stack(layers, results["alphas"])
-            stack = stack.to(**placed)
-            if args.dtype != "float32":  # rounding moved the constructed factors: the exact SVD of the copy
-                refs = exact_refs(stack)
-            label = f"Llama-7B-shaped, {layers} blocks ({7 * layers} matrices)"
-            entry = results["models"].setdefault("llama7b", {"label": label, "by_r": {}})
-            bench_model("llama7b", stack, refs, ranks, reps, fast, record_results, entry["by_r"])
-            exact_ranks = [r for r in args.exact_7b_ranks if r in ranks]
-            bench_model(
-                "llama7b", stack, refs, exact_ranks, 1, ["osora_exact"], record_results, entry["by_r"]
-            )
+        with busy_processes(args.background_load):
+            placed = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+            fast = [m for m in METHODS if m != "osora_exact"]
+            if "smollm2" in args.models or args.quick:
+                smol = smollm2()
+                results["alphas"] = fitted_alphas(smol)
+                smol = smol.to(**placed)
+                # of the weights as the methods see them (bfloat16: the copy's own SVD)
+                refs = exact_refs(smol)
+                entry = results["models"].setdefault(
+                    "smollm2", {"label": "SmolLM2-135M (210 matrices)", "by_r": {}}
+                )
+                bench_model("smollm2", smol, refs, ranks, reps, fast, record_results, entry["by_r"])
+                exact = ["osora_exact"]
+                bench_model(
+                    "smollm2", smol, refs, ranks, args.exact_reps, exact, record_results, entry["by_r"]
+                )
+                del smol
+                gc.collect()
+            else:
+                results["alphas"] = json.loads(args.alphas_from.read_text())["alphas"]
+            if layers and "llama7b" in args.models:
+                stack, refs = llama7b_stack(layers, results["alphas"])
+                stack = stack.to(**placed)
+                if args.dtype != "float32":
+                    refs = exact_refs(stack)  # rounding moved the constructed factors: the copy's exact SVD
+                label = f"Llama-7B-shaped, {layers} blocks ({7 * layers} matrices)"
+                entry = results["models"].setdefault("llama7b", {"label": label, "by_r": {}})
+                bench_model("llama7b", stack, refs, ranks, reps, fast, record_results, entry["by_r"])
+                exact_ranks = [r for r in args.exact_7b_ranks if r in ranks]
+                bench_model(
+                    "llama7b", stack, refs, exact_ranks, 1, ["osora_exact"], record_results, entry["by_r"]
+                )
         record_results()
         result = json.loads(args.out.read_text())
     table = markdown(result, args.out)

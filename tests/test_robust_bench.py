@@ -93,3 +93,24 @@ def test_init_cost_names_its_results_by_device_and_dtype(monkeypatch: pytest.Mon
         result, Path("/tmp/gpu-out/init_cost_smollm2.json")
     )  # the file it was read from
     assert "from `/tmp/gpu-out/init_cost_smollm2.json`" in elsewhere
+
+
+def test_init_cost_background_load_stops_with_its_block_and_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load("init_cost")
+    with pytest.raises(KeyboardInterrupt), bench.busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)  # running beside the block
+        raise KeyboardInterrupt
+    assert all(p.returncode is not None for p in procs)  # gone, even after an interrupted run
+    entry = {"time_s": {"median": 1.0, "min": 1.0}, "load_1min": [4.1], "warnings": 0}
+    result = {
+        "provenance": {
+            "hardware": {"cpu": "some cpu", "torch_threads": 2, "cores": 2},
+            "git": {"commit": "0123456789", "dirty": False},
+        },
+        "config": {"reps": 1, "layers_7b": 0, "background_load": 2},
+        "models": {"smollm2": {"label": "SmolLM2", "by_r": {"8": {"lora": entry, "osora": entry}}}},
+    }
+    assert "beside 2 busy processes" in bench.markdown(result, Path("/tmp/x.json"))
+    result["config"]["background_load"] = 0
+    assert "busy" not in bench.markdown(result, Path("/tmp/x.json"))

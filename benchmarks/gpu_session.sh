@@ -7,7 +7,8 @@
 # warm (30 s after a call), except that a carried folder replaces its parent's other carried folders (.gpu/b
 # replaced .gpu/a). The wheels it lacks, SmolLM2's GGUF (94 MiB) and the data (../shared does not travel) are
 # therefore split over two calls: part 1 carries the wheels and the GGUF's first 36 MiB, keeps that part in /tmp,
-# and runs what needs no real model (the CUDA tests, step_cost, svd_init, init_cost on the 7B stack); part 2,
+# and runs what needs no real model (the CUDA tests, step_cost, svd_init, init_cost on the 7B stack, a
+# profile of one 4096² SVD into its log); part 2,
 # issued within 30 s of part 1's reply, carries the rest of the GGUF and the data and runs init_cost on SmolLM2
 # and the LLM benchmarks.
 #
@@ -103,6 +104,9 @@ if [[ $part == part1 || $part == stage ]]; then
     python3 benchmarks/init_cost.py --device cuda --dtype bfloat16 --models llama7b --layers 2 --ranks 32 128 \
         --reps 2 --exact-7b-ranks --max-batch-mib 1024 --out "$out/init_cost_cuda_bfloat16_stacked.json" \
         --readme /tmp/README_init_cost_cuda_bfloat16_stacked.md || echo "INIT_COST STACKED FAILED"
+    # where one 4096² matrix's randomized SVD spends its time on the GPU, by operation (into part1.log)
+    python3 benchmarks/svd_profile.py --device cuda --dtype bfloat16 --shape 4096x4096 --r 32 \
+        || echo "SVD_PROFILE FAILED"
     exit 0
 fi
 

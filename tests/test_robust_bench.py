@@ -114,3 +114,16 @@ def test_init_cost_background_load_stops_with_its_block_and_is_named(monkeypatch
     assert "beside 2 busy processes" in bench.markdown(result, Path("/tmp/x.json"))
     result["config"]["background_load"] = 0
     assert "busy" not in bench.markdown(result, Path("/tmp/x.json"))
+
+
+def test_svd_profile_writes_a_self_describing_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling svd_init
+    bench = _load("svd_profile")
+    out = tmp_path / "profile.txt"
+    bench.main(["--shape", "96x64", "--r", "4", "--reps", "1", "--out", str(out)])
+    report = out.read_text()
+    assert report.startswith("osora.svd profile: 1 x 96x64 float32, r=4, method=randomized")
+    assert "torch operations' CPU self time" in report and "aten::" in report
+    assert "command: python benchmarks/svd_profile.py --shape 96x64 --r 4" in report
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "96x64", "--r", "65"])  # r beyond the smaller side: a usage error

@@ -314,8 +314,10 @@ def calibrate() -> None:
 def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
     """``n`` other processes, each keeping a core busy with a pure-Python loop, while the block runs: the machine
     shared with other jobs, as on a node where data loading or other runs compete for the cores. Killed (and
-    reaped) when the block ends, however it ends."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    reaped) when the block ends, however it ends; a loop whose parent is gone (a benchmark killed with SIGKILL)
+    stops by itself."""
+    loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(n)]
     try:
         yield procs
     finally:

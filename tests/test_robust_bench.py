@@ -127,3 +127,36 @@ def test_svd_profile_writes_a_self_describing_report(tmp_path: Path, monkeypatch
     assert "command: python benchmarks/svd_profile.py --shape 96x64 --r 4" in report
     with pytest.raises(SystemExit):
         bench.main(["--shape", "96x64", "--r", "65"])  # r beyond the smaller side: a usage error
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_init_cost_background_load_stops_when_the_benchmark_is_killed() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import init_cost, time\n"
+        "with init_cost.busy_processes(1) as procs:\n"
+        "    print(procs[0].pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert bench.stdout is not None
+    child = int(bench.stdout.readline())
+    assert _running(child)
+    bench.send_signal(signal.SIGKILL)  # no finally block runs
+    bench.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child), "the busy loop outlived the killed benchmark"

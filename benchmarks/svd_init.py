@@ -62,6 +62,17 @@ def power_law_alpha(s: np.ndarray) -> float:
     return float(-np.polyfit(np.log(i[keep]), np.log(s[keep]), 1)[0])
 
 
+def shape_arg(text: str) -> tuple[int, int]:
+    """An argparse type: "4096x11008" -> (4096, 11008), a usage error naming the text otherwise."""
+    try:
+        m, n = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 4096x11008, got {text!r}") from None
+    if m < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"a shape's sides must be positive, got {text!r}")
+    return m, n
+
+
 def synthetic(shape: tuple[int, int], alpha: float, seed: int = 0) -> tuple[torch.Tensor, SVDFactors]:
     """W = U diag(σ) Vᵀ, σᵢ = i^-α, U and V random orthonormal; returns W and its exact factors (float64)."""
     m, n = shape
@@ -327,7 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-reps", type=int, default=2, help="timed exact SVDs per matrix")
     parser.add_argument("--ranks", type=int, nargs="+", default=RANKS)
     parser.add_argument(
-        "--shapes", nargs="+", default=None, help="override the shapes, e.g. 1024x1024 11008x4096"
+        "--shapes",
+        nargs="+",
+        type=shape_arg,
+        default=None,
+        help="override the shapes, e.g. 1024x1024 11008x4096",
     )
     parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM weights")
     parser.add_argument(
@@ -356,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shapes = SHAPES[:2] if args.quick else SHAPES
         if args.shapes:
-            shapes = [(int(a), int(b)) for a, b in (s.split("x") for s in args.shapes)]
+            shapes = args.shapes
         reps, exact_reps = (1, 1) if args.quick else (args.reps, args.exact_reps)
         alphas = [power_law_alpha(np.asarray(s)) for s in spectra.values()] or [0.35]
         alpha = min(alphas)

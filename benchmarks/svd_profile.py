@@ -27,17 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from osora.app.provenance import git_state, hardware
 from osora.svd import SVDAccuracyWarning, SVDSpec, batched_top_r_svd
-from svd_init import synthetic
-
-
-def shape_arg(text: str) -> tuple[int, int]:
-    try:
-        m, n = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape like 4096x11008, got {text!r}") from None
-    if m < 1 or n < 1:
-        raise argparse.ArgumentTypeError(f"a shape's sides must be positive, got {text!r}")
-    return m, n
+from svd_init import shape_arg, synthetic
 
 
 def profile_case(
